@@ -1,0 +1,65 @@
+"""The one interface every algorithm implements, and the engine relies on.
+
+An algorithm is an ``nn.Module`` that owns the backbone and every
+meta-parameter (``self.parameters()`` is what the outer optimizer updates and
+what checkpoints hold). The engine loop, the same for every algorithm, is::
+
+    optimizer.zero_grad()
+    metrics = algo.meta_step(batch)   # fills .grad of algo.parameters()
+    optimizer.step()
+
+and for validation and test ``algo.evaluate(batch)``. Both return per-task
+metrics (``{"loss": [B], "accuracy": [B], ...}``, detached, on the device) so
+the engine aggregates them without host syncs.
+
+Why ``meta_step`` fills gradients instead of returning a loss: the outer
+update of many meta-learners is not the gradient of one scalar. MAML
+backpropagates task by task to bound memory; Reptile sets ``.grad`` to
+``theta - mean(adapted theta)`` with no outer loss at all; a
+pre-train-then-fine-tune baseline trains a global classifier on
+``batch.classes``; a black-box sequence learner (SNAIL, MANN) reads the
+episode as one sequence. All of them fit this signature with no special case
+in the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from metalearn.data.episodes import TaskBatch
+
+
+@dataclass(frozen=True)
+class ProblemInfo:
+    """What an algorithm may know about the problem when it is built."""
+
+    image_shape: tuple[int, int, int]
+    ways: int  # ways of the training episodes
+    num_train_classes: int  # classes of the training split (for global-label pre-training)
+
+
+class Algorithm(nn.Module):
+    """Base class. Subclasses implement ``meta_step`` and ``evaluate``."""
+
+    #: the metric that selects the best checkpoint, and whether higher is better
+    primary_metric: str = "accuracy"
+    higher_is_better: bool = True
+
+    def meta_step(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
+        """One meta-training step on a batch of tasks: fill ``.grad`` of the meta-parameters."""
+        raise NotImplementedError
+
+    def evaluate(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
+        """Adapt to each task's support set and score its query set; no gradient to meta-parameters."""
+        raise NotImplementedError
+
+    def check_episode(self, ways: int, shots: int, queries: int) -> None:
+        """Raise ConfigError if this algorithm cannot handle such episodes (e.g. a fixed-size head)."""
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean accuracy over the last-but-one dimension: [..., n, C], [..., n] -> [...]."""
+    return (logits.argmax(dim=-1) == labels).float().mean(dim=-1)

@@ -1,0 +1,90 @@
+"""MAML: Model-Agnostic Meta-Learning (Finn, Abbeel & Levine, ICML 2017, arXiv:1703.03400).
+
+The meta-parameters are an initialisation theta. For each task, a few SGD
+steps on the support set give adapted weights
+``theta'_i = theta - inner_lr * grad L_support(theta)``; the meta-loss is the
+query loss at theta'_i, averaged over the tasks, differentiated through the
+inner steps (second order) or not (``first_order=true``: FOMAML).
+
+Written as pure functions of a parameter dict with
+``torch.func.functional_call`` and ``torch.autograd.grad``: no patched
+modules, no hidden state. Tasks are processed one at a time and each task's
+graph is freed after its backward, so memory does not grow with the
+meta-batch. BatchNorm uses per-set batch statistics (see models/conv4.py),
+as in the paper.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from metalearn.algorithms.base import Algorithm, ProblemInfo, accuracy
+from metalearn.data.episodes import TaskBatch
+from metalearn.errors import ConfigError
+
+
+@dataclass
+class Config:
+    name: str = "maml"
+    inner_lr: float = 0.4
+    inner_steps: int = 1  # SGD steps on the support set during meta-training
+    test_inner_steps: int = 3  # ... and at validation / test time
+    first_order: bool = False  # FOMAML: ignore second derivatives
+
+
+def adapt(net: nn.Module, params: dict, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, create_graph: bool) -> dict:
+    """``steps`` SGD steps on (x, y) from ``params``; differentiable w.r.t. params if create_graph."""
+    for _ in range(steps):
+        loss = F.cross_entropy(functional_call(net, params, (x,)), y)
+        grads = torch.autograd.grad(loss, tuple(params.values()), create_graph=create_graph)
+        params = {name: p - lr * g for (name, p), g in zip(params.items(), grads)}
+    return params
+
+
+class MAML(Algorithm):
+    def __init__(self, cfg: Config, backbone: nn.Module, info: ProblemInfo):
+        super().__init__()
+        if cfg.inner_steps < 0 or cfg.test_inner_steps < 0:
+            raise ConfigError("algo.inner_steps and algo.test_inner_steps must be >= 0")
+        self.cfg, self.ways = cfg, info.ways
+        self.net = nn.Sequential(backbone, nn.Linear(backbone.out_features, info.ways))
+
+    def check_episode(self, ways: int, shots: int, queries: int) -> None:
+        if ways != self.ways:
+            raise ConfigError(f"maml's classifier has {self.ways} outputs (trained {self.ways}-way); it cannot run {ways}-way episodes")
+
+    def meta_step(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
+        params = dict(self.net.named_parameters())
+        losses, accs = [], []
+        for t in range(batch.num_tasks):
+            adapted = adapt(self.net, params, batch.support_x[t], batch.support_y[t],
+                            self.cfg.inner_steps, self.cfg.inner_lr, create_graph=not self.cfg.first_order)
+            logits = functional_call(self.net, adapted, (batch.query_x[t],))
+            loss = F.cross_entropy(logits, batch.query_y[t])
+            # Backward per task: the mean's gradient accumulates in .grad and each graph is freed at once.
+            (loss / batch.num_tasks).backward()
+            losses.append(loss.detach())
+            accs.append(accuracy(logits.detach(), batch.query_y[t]))
+        return {"loss": torch.stack(losses), "accuracy": torch.stack(accs)}
+
+    def evaluate(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
+        params = {k: p.detach().requires_grad_() for k, p in self.net.named_parameters()}
+        losses, accs = [], []
+        for t in range(batch.num_tasks):
+            with torch.enable_grad():
+                adapted = adapt(self.net, params, batch.support_x[t], batch.support_y[t],
+                                self.cfg.test_inner_steps, self.cfg.inner_lr, create_graph=False)
+            with torch.no_grad():
+                logits = functional_call(self.net, adapted, (batch.query_x[t],))
+                losses.append(F.cross_entropy(logits, batch.query_y[t]))
+                accs.append(accuracy(logits, batch.query_y[t]))
+        return {"loss": torch.stack(losses), "accuracy": torch.stack(accs)}
+
+
+def build(cfg: Config, backbone: nn.Module, info: ProblemInfo) -> MAML:
+    return MAML(cfg, backbone, info)

@@ -1,0 +1,56 @@
+"""Prototypical Networks (Snell, Swersky & Zemel, NeurIPS 2017, arXiv:1703.05175).
+
+Each class's prototype is the mean embedding of its support examples; a
+query is classified by a softmax over negative squared Euclidean distances
+to the prototypes. The meta-parameters are the embedding network's; all
+tasks of a batch are embedded in one forward pass (the backbone normalises
+each task on its own, so results do not depend on the batch size).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metalearn.algorithms.base import Algorithm, ProblemInfo, accuracy
+from metalearn.data.episodes import TaskBatch
+
+
+@dataclass
+class Config:
+    name: str = "protonet"
+
+
+def prototype_logits(support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor, ways: int) -> torch.Tensor:
+    """[B, n_s, F], [B, n_s], [B, n_q, F] -> logits [B, n_q, ways] = -squared distances."""
+    onehot = F.one_hot(support_y, ways).to(support.dtype)  # [B, n_s, ways]
+    prototypes = onehot.transpose(1, 2) @ support / onehot.sum(1).unsqueeze(-1)  # [B, ways, F]
+    return -(query.unsqueeze(2) - prototypes.unsqueeze(1)).pow(2).sum(-1)
+
+
+class ProtoNet(Algorithm):
+    def __init__(self, cfg: Config, backbone: nn.Module, info: ProblemInfo):
+        super().__init__()
+        self.cfg, self.backbone = cfg, backbone
+
+    def _scores(self, batch: TaskBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = prototype_logits(self.backbone(batch.support_x), batch.support_y, self.backbone(batch.query_x), batch.ways)
+        loss = F.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten(), reduction="none").view_as(batch.query_y).mean(1)
+        return logits, loss, accuracy(logits, batch.query_y)
+
+    def meta_step(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
+        logits, loss, acc = self._scores(batch)
+        loss.mean().backward()
+        return {"loss": loss.detach(), "accuracy": acc.detach()}
+
+    @torch.no_grad()
+    def evaluate(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
+        _, loss, acc = self._scores(batch)
+        return {"loss": loss, "accuracy": acc}
+
+
+def build(cfg: Config, backbone: nn.Module, info: ProblemInfo) -> ProtoNet:
+    return ProtoNet(cfg, backbone, info)

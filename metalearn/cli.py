@@ -1,0 +1,260 @@
+"""The ``metalearn`` command: ``metalearn <command> [Hydra arguments]``.
+
+``hydra.main`` parses ``sys.argv`` itself, so the dispatcher takes the
+command word off ``sys.argv`` and hands the rest to that command's Hydra app:
+``--help``, ``--cfg job``, ``--info``, ``-m`` and tab completion work as Hydra
+users know them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from metalearn import __version__
+
+log = logging.getLogger("metalearn")
+
+OmegaConf.register_new_resolver("metalearn_run_dir", lambda resume, default: resume if resume else default, replace=True)
+OmegaConf.register_new_resolver("metalearn_output_subdir", lambda resume: None if resume else ".hydra", replace=True)
+
+COMMANDS = {
+    "train": "meta-train a few-shot learner: TensorBoard logs, checkpoints, test accuracy +- 95% CI",
+    "eval": "evaluate a trained run on test episodes: accuracy +- 95% CI",
+}
+
+USAGE = f"""usage: metalearn <command> [key=value ...] [hydra flags]
+
+commands:
+{chr(10).join(f"  {name:<6} {text}" for name, text in COMMANDS.items())}
+
+examples:
+  metalearn train data=glyphs algo=protonet steps=500
+  metalearn train -m algo=maml,protonet shots=1,5 data=glyphs steps=200
+  metalearn train resume=outputs/<date>/<time>
+  metalearn eval run=outputs/<date>/<time> shots=5
+
+'metalearn <command> --help' lists that command's config groups and options;
+'metalearn train --cfg job' prints the composed config.
+"""
+
+
+def fail(error: Exception, code: int = 2):
+    print(f"metalearn: error: {error}", file=sys.stderr)
+    sys.exit(code)
+
+
+# ---------------------------------------------------------------- train
+
+
+def _resume_config(cfg: DictConfig):
+    """The run's own saved config, with the few overrides that may change on resume applied."""
+    from metalearn import checkpoint
+    from metalearn.config import to_run_config
+    from metalearn.errors import ConfigError
+
+    path = checkpoint.find(cfg.resume, "last")
+    ckpt = checkpoint.load(path)
+    saved = OmegaConf.create(ckpt["config"])
+    changeable = ("steps", "trainer", "device", "data.root", "eval.batch_size")
+    for override in HydraConfig.get().overrides.task:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key == "resume":
+            continue
+        if not key.startswith(changeable):
+            raise ConfigError(f"'{override}' cannot change when resuming (only steps, trainer.*, device, data.root); start a new run instead")
+        OmegaConf.update(saved, key, OmegaConf.select(cfg, key), merge=False)
+    saved.resume = str(Path(cfg.resume))
+    return to_run_config(saved), ckpt
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def train_app(cfg: DictConfig) -> float | None:
+    from metalearn import engine
+    from metalearn.config import to_run_config
+    from metalearn.errors import MetalearnError
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        run_cfg, ckpt = _resume_config(cfg) if cfg.resume else (to_run_config(cfg), None)
+        results = engine.train(run_cfg, run_dir, resume_from=ckpt)
+    except MetalearnError as e:
+        fail(e, e.exit_code)
+    except engine.Stopped as s:
+        print(f"metalearn: {s}", file=sys.stderr)
+        sys.exit(s.exit_code)
+    engine.print_results(results)
+    print(f"results: {run_dir / 'results.json'}")
+    return results["best_val"]["value"]  # what a Hydra sweeper optimises
+
+
+# ---------------------------------------------------------------- eval
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
+def eval_app(cfg: DictConfig) -> None:
+    from metalearn.errors import ConfigError, MetalearnError
+
+    try:
+        if (cfg.run is None) == (cfg.ckpt is None):
+            raise ConfigError("give exactly one of run=<run directory> or ckpt=<checkpoint file>")
+        if cfg.checkpoint not in ("best", "last"):
+            raise ConfigError(f"checkpoint={cfg.checkpoint!r} is not one of: best, last")
+        evaluate_checkpoint(cfg)
+    except MetalearnError as e:
+        fail(e, e.exit_code)
+
+
+def evaluate_checkpoint(cfg: DictConfig) -> dict:
+    from metalearn import checkpoint, engine
+    from metalearn.config import to_run_config
+    from metalearn.fileio import atomic_write_json
+
+    path = checkpoint.find(cfg.run, cfg.checkpoint) if cfg.run else checkpoint.find(cfg.ckpt)
+    ckpt = checkpoint.load(path)
+    saved = OmegaConf.create(ckpt["config"])
+    for key, value in {"eval.ways": cfg.ways, "eval.shots": cfg.shots, "eval.queries": cfg.queries,
+                       "eval.batch_size": cfg.batch_size, "trainer.test_episodes": cfg.episodes,
+                       "data.root": cfg.data_root}.items():
+        if value is not None:
+            OmegaConf.update(saved, key, value)
+    saved.device.type = cfg.device
+    run_cfg = to_run_config(saved)
+    device = engine.resolve_device(run_cfg.device.type)
+    stores = engine.load_data(run_cfg, device)
+    algo = engine.build_algorithm(run_cfg, stores["train"]).to(device)
+    checkpoint.load_model_state(algo, ckpt["model"], path)
+    e, episodes = run_cfg.eval, run_cfg.trainer.test_episodes
+    seed = run_cfg.trainer.eval_seed + 1 if cfg.seed is None else cfg.seed
+    metrics = engine.evaluate(algo, stores["test"], e.ways, e.shots, e.queries, episodes, e.batch_size, seed, device)
+    results = {"test": metrics, "checkpoint": str(path), "checkpoint_step": ckpt["step"],
+               "episode": {"ways": e.ways, "shots": e.shots, "queries": e.queries}, "seed": seed}
+    engine.print_results(results)
+    run_dir = path.parent.parent
+    if (run_dir / "checkpoints").is_dir():
+        out = run_dir / f"eval-{path.stem}-{e.ways}w{e.shots}s{e.queries}q-{episodes}ep-seed{seed}.json"
+        atomic_write_json(out, results)
+        print(f"results: {out}")
+    return results
+
+
+APPS = {"train": train_app, "eval": eval_app}
+
+
+# ---------------------------------------------------------------- dispatcher
+
+
+def _precheck(command: str, args: list[str]) -> None:
+    """Compose the config once before Hydra runs, to turn its multi-line errors into one line.
+
+    Only plain override lists (plus -m) are checked; every other Hydra flag goes to Hydra as is.
+    Sweeps are checked with the first value of each swept key, and every value of swept groups.
+    """
+    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in args):
+        return
+    from hydra import compose, initialize_config_module
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from metalearn.config import to_run_config
+    from metalearn.errors import ConfigError, MetalearnError
+
+    overrides = [a for a in args if not a.startswith("-")]
+    conf_dir = Path(__file__).parent / "conf"
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as e:
+        fail(ConfigError(str(e).splitlines()[0].rstrip(".") + "; overrides look like key=value"))
+    first = []
+    for o in parsed:
+        key = o.get_key_element()
+        if o.is_sweep_override():
+            values = list(o.sweep_string_iterator())
+            group = conf_dir / key.lstrip("+~")
+            if group.is_dir():
+                for v in values:
+                    if not (group / f"{v}.yaml").is_file():
+                        fail(ConfigError(f"unknown {key} {v!r}; choose one of: {', '.join(_choices(group))}"))
+            first.append(f"{key}={values[0]}")
+        else:
+            first.append(o.input_line)
+    config_name = "config" if command == "train" else "eval"
+    try:
+        with initialize_config_module(config_module="metalearn.conf", version_base="1.3"):
+            cfg = compose(config_name, overrides=first)
+    except HydraException as e:
+        fail(ConfigError(_hydra_error_line(str(e), conf_dir)))
+    except OmegaConfBaseException as e:
+        fail(ConfigError(str(e).splitlines()[0]))
+    if command == "train" and cfg.get("resume") is None:
+        try:
+            to_run_config(cfg)
+        except MetalearnError as e:
+            fail(e)
+
+
+def _choices(group: Path) -> list[str]:
+    return sorted(p.stem for p in group.glob("*.yaml"))
+
+
+def _hydra_error_line(message: str, conf_dir: Path) -> str:
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    first = lines[0] if lines else message
+    if first.startswith("In '") and "Could not find '" in first:
+        wanted = first.split("Could not find '", 1)[1].split("'", 1)[0]
+        group, _, option = wanted.rpartition("/")
+        if (conf_dir / group).is_dir():
+            return f"unknown {group} {option!r}; choose one of: {', '.join(_choices(conf_dir / group))}"
+    if first.startswith("Could not override '") or first.startswith("Could not append"):
+        key = first.split("'", 2)[1]
+        return f"unknown option {key!r}; see 'metalearn train --cfg job' for the options (new keys are not accepted)"
+    return first
+
+
+def _complete(args: list[str]) -> int:
+    """Hydra tab completion through the dispatcher: route the query to the command being typed."""
+    line = os.environ.get("COMP_LINE", "")
+    words = line.split()
+    typed_command = len(words) >= 2 and words[1] in APPS and (len(words) > 2 or line.endswith(" "))
+    if typed_command:
+        os.environ["COMP_LINE"] = " ".join([words[0], *words[2:]]) + (" " if line.endswith(" ") else "")
+        sys.argv = [sys.argv[0], *args]
+        APPS[words[1]]()
+        return 0
+    if any(a.startswith("query") for a in args):
+        prefix = words[1] if len(words) == 2 and not line.endswith(" ") else ""
+        print(" ".join(c for c in COMMANDS if c.startswith(prefix)))
+        return 0
+    sys.argv = [sys.argv[0], *args]
+    train_app()  # install / uninstall scripts are the same for every command
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    if args[0] in ("-V", "--version"):
+        print(f"metalearn {__version__}")
+        return 0
+    if args[0] in ("-sc", "--shell-completion"):
+        return _complete(args)
+    command, rest = args[0], args[1:]
+    if command not in APPS:
+        fail(f"unknown command {command!r}; choose one of: {', '.join(COMMANDS)} (see metalearn --help)")
+    _precheck(command, rest)
+    sys.argv = [sys.argv[0], *rest]
+    APPS[command]()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

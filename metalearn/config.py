@@ -1,0 +1,164 @@
+"""Typed, validated run configuration.
+
+Hydra composes ``conf/config.yaml`` and its groups into a DictConfig; this
+module turns it into dataclasses and rejects anything unknown or mistyped
+with a one-line ConfigError. The schema of each group option (``algo``,
+``data``, ``backbone``) is the ``Config`` dataclass of the module that
+implements it, so an option exists exactly when the code reads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from metalearn.algorithms import ALGORITHMS, algorithm_module
+from metalearn.data import DATASETS, dataset_module
+from metalearn.errors import ConfigError
+from metalearn.models import BACKBONES, backbone_module
+
+
+@dataclass
+class DeviceConfig:
+    type: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
+    data_on_device: bool = True  # keep the dataset on the accelerator and sample episodes there
+
+
+@dataclass
+class EvalConfig:
+    """Episode shape of validation and test; defaults to the training shape."""
+
+    ways: int = 5
+    shots: int = 1
+    queries: int = 15
+    batch_size: int = 32  # tasks evaluated together (does not change results)
+
+
+@dataclass
+class TrainerConfig:
+    log_every: int = 50  # steps between train/* scalars (and NaN checks)
+    val_every: int = 500
+    val_episodes: int = 600
+    test_episodes: int = 600
+    ckpt_every: int = 500
+    eval_seed: int = 0  # validation and test episodes are fixed by this, the same for every run
+    progress: bool = True  # progress bar (only on a terminal)
+    stop_at: Optional[int] = None  # end this invocation after this step, with a checkpoint to resume from
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"  # adam | sgd
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd only
+    scheduler: str = "constant"  # constant | cosine | step
+    decay_every: int = 10000  # step scheduler
+    decay_gamma: float = 0.5  # step scheduler
+    grad_clip: Optional[float] = None  # max global norm of the meta-gradient
+
+
+@dataclass
+class RunConfig:
+    algo: Any = None
+    data: Any = None
+    backbone: Any = None
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    ways: int = 5
+    shots: int = 1
+    queries: int = 15  # per class
+    meta_batch_size: int = 32
+    steps: int = 60000
+    seed: int = 0
+    resume: Optional[str] = None
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+GROUPS: dict[str, tuple[dict, Callable]] = {
+    "algo": (ALGORITHMS, algorithm_module),
+    "data": (DATASETS, dataset_module),
+    "backbone": (BACKBONES, backbone_module),
+}
+
+
+def _typed(schema: type, node: Any, where: str) -> Any:
+    """Merge ``node`` into the dataclass ``schema``; unknown keys and bad types become ConfigErrors."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), node)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = ".".join(k for k in (where, str(getattr(e, "full_key", "") or getattr(e, "key", "") or "")) if k)
+        if "not in" in str(e) or "Key '" in str(e):
+            valid = ", ".join(f.name for f in dataclasses.fields(schema) if f.name != "name")
+            raise ConfigError(f"unknown option {key}; the options of {where or 'the run'} are: {valid}") from None
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"bad value for {key}: {msg}") from None
+
+
+def to_run_config(cfg: DictConfig | dict) -> RunConfig:
+    """Validate a composed config (or a saved one) and return it typed."""
+    cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+    try:
+        container = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"cannot resolve the config: {str(e).splitlines()[0]}") from None
+    container.pop("hydra", None)
+    groups = {}
+    for group, (registry, module_of) in GROUPS.items():
+        node = container.pop(group, None)
+        if not isinstance(node, dict) or "name" not in node:
+            raise ConfigError(f"no {group} chosen; pick one with {group}=<{'|'.join(registry)}>")
+        name = node["name"]
+        if name not in registry:
+            raise ConfigError(f"unknown {group} {name!r}; choose one of: {', '.join(registry)}")
+        groups[group] = _typed(module_of(name).Config, node, f"{group}")
+    run = _typed(RunConfig, container, "")
+    for group, value in groups.items():
+        setattr(run, group, value)
+    check(run)
+    return run
+
+
+def check(run: RunConfig) -> None:
+    """Checks across keys that types alone cannot express."""
+    positive = {
+        "ways": run.ways, "shots": run.shots, "queries": run.queries, "meta_batch_size": run.meta_batch_size,
+        "steps": run.steps, "eval.ways": run.eval.ways, "eval.shots": run.eval.shots,
+        "eval.queries": run.eval.queries, "eval.batch_size": run.eval.batch_size,
+        "trainer.log_every": run.trainer.log_every, "trainer.val_every": run.trainer.val_every,
+        "trainer.val_episodes": run.trainer.val_episodes, "trainer.test_episodes": run.trainer.test_episodes,
+        "trainer.ckpt_every": run.trainer.ckpt_every,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1 (got {value})")
+    if run.optim.name not in ("adam", "sgd"):
+        raise ConfigError(f"optim.name={run.optim.name!r} is not one of: adam, sgd")
+    if run.optim.scheduler not in ("constant", "cosine", "step"):
+        raise ConfigError(f"optim.scheduler={run.optim.scheduler!r} is not one of: constant, cosine, step")
+    if not run.optim.lr > 0:
+        raise ConfigError(f"optim.lr must be > 0 (got {run.optim.lr})")
+    if run.trainer.stop_at is not None and run.trainer.stop_at < 1:
+        raise ConfigError(f"trainer.stop_at must be >= 1 (got {run.trainer.stop_at})")
+
+
+def to_dict(run: RunConfig) -> dict:
+    """Plain nested dict (safe for checkpoints, JSON and ``to_run_config``)."""
+    return dataclasses.asdict(run)
+
+
+def flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{'algo': {'inner_lr': 0.4}} -> {'algo.inner_lr': 0.4}."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

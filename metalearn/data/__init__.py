@@ -1,0 +1,23 @@
+"""Datasets. Each is one module with a ``Config`` dataclass and
+``load(cfg) -> {"train"|"val"|"test": ClassStore}``; add a line here to register one."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from metalearn.data.episodes import ClassStore, EpisodeSampler, TaskBatch
+
+DATASETS = {
+    "glyphs": "metalearn.data.glyphs",
+    "omniglot": "metalearn.data.omniglot",
+}
+
+SPLITS = ("train", "val", "test")
+
+
+def dataset_module(name: str) -> ModuleType:
+    return importlib.import_module(DATASETS[name])
+
+
+__all__ = ["ClassStore", "EpisodeSampler", "TaskBatch", "DATASETS", "SPLITS", "dataset_module"]

@@ -1,0 +1,159 @@
+"""Class-indexed image stores and the episode sampler.
+
+A split is held whole in memory as one uint8 tensor sorted by class
+(optionally on the accelerator). An episode batch is drawn with a handful of
+vectorised tensor ops: no Python loop over tasks or classes, no DataLoader
+workers, nothing that syncs with the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from metalearn.errors import DataError
+
+
+@dataclass
+class TaskBatch:
+    """A batch of few-shot tasks.
+
+    support_x: [B, ways*shots, C, H, W] float; support_y: [B, ways*shots] labels 0..ways-1
+    query_x:   [B, ways*queries, C, H, W];      query_y:   [B, ways*queries]
+    classes:   [B, ways], the split's class index behind each label
+               (label i of task b is class classes[b, i]), for algorithms that
+               pre-train on global labels.
+    Examples are shuffled within each set, so the order carries no label.
+    """
+
+    support_x: torch.Tensor
+    support_y: torch.Tensor
+    query_x: torch.Tensor
+    query_y: torch.Tensor
+    classes: torch.Tensor
+
+    @property
+    def num_tasks(self) -> int:
+        return self.support_x.shape[0]
+
+    @property
+    def ways(self) -> int:
+        return self.classes.shape[1]
+
+    def to(self, device: torch.device | str) -> "TaskBatch":
+        return TaskBatch(*(getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)))
+
+    def __getitem__(self, index) -> "TaskBatch":
+        """Select tasks along the batch dimension (keeps the dimension for slices)."""
+        return TaskBatch(*(getattr(self, f.name)[index] for f in fields(self)))
+
+
+class ClassStore:
+    """The images of one split, grouped by class.
+
+    images[offsets[c] : offsets[c] + counts[c]] are the images of class c.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, class_names: list[str]):
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError("images must be a uint8 tensor [N, C, H, W]")
+        labels = torch.as_tensor(labels, dtype=torch.long)
+        order = torch.argsort(labels, stable=True)
+        self.images = images[order].contiguous()
+        self.counts = torch.bincount(labels, minlength=len(class_names))
+        self.offsets = torch.cumsum(self.counts, 0) - self.counts
+        self.class_names = list(class_names)
+        self.max_count = int(self.counts.max()) if len(self.counts) else 0
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])
+
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def to(self, device: torch.device | str) -> "ClassStore":
+        self.images = self.images.to(device)
+        self.counts = self.counts.to(device)
+        self.offsets = self.offsets.to(device)
+        return self
+
+    def check_episode(self, split: str, ways: int, shots: int, queries: int) -> None:
+        """Raise a DataError naming the problem if this split cannot give such episodes."""
+        if ways < 1 or shots < 1 or queries < 1:
+            raise DataError(f"episodes need ways, shots and queries >= 1 (got ways={ways} shots={shots} queries={queries})")
+        if ways > self.num_classes:
+            raise DataError(
+                f"ways={ways} is more than the {self.num_classes} classes of the {split} split; "
+                f"use ways<={self.num_classes} or a larger dataset"
+            )
+        need = shots + queries
+        small = [(n, int(c)) for n, c in zip(self.class_names, self.counts.tolist()) if c < need]
+        if small:
+            shown = ", ".join(f"{n} ({c})" for n, c in small[:5])
+            more = f" and {len(small) - 5} more" if len(small) > 5 else ""
+            raise DataError(
+                f"shots+queries={need} is more than the images of {len(small)} class(es) of the {split} split: "
+                f"{shown}{more}; lower shots/queries or drop those classes"
+            )
+
+
+class EpisodeSampler:
+    """Draws batches of N-way K-shot tasks from a ClassStore, reproducibly from a seed.
+
+    The sampler's state is its torch.Generator, saved in checkpoints so a
+    resumed run draws the same episodes as an uninterrupted one.
+    """
+
+    def __init__(self, store: ClassStore, ways: int, shots: int, queries: int, batch_size: int, seed: int):
+        self.store, self.ways, self.shots, self.queries, self.batch_size = store, ways, shots, queries, batch_size
+        self.generator = torch.Generator(device=store.device)
+        self.generator.manual_seed(seed)
+        self._labels = torch.arange(ways, device=store.device)
+        self._slots = torch.arange(store.max_count, device=store.device)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+    def sample(self) -> TaskBatch:
+        s, g = self.store, self.generator
+        B, N, K, Q = self.batch_size, self.ways, self.shots, self.queries
+        dev = s.device
+        # N distinct classes per task, in random order: the order is the label.
+        classes = torch.rand(B, s.num_classes, generator=g, device=dev).argsort(dim=1)[:, :N]
+        counts = s.counts[classes]
+        # K+Q distinct images per class; slots past a class's count sort last.
+        noise = torch.rand(B, N, s.max_count, generator=g, device=dev)
+        noise = noise.masked_fill(self._slots >= counts[..., None], 2.0)
+        picks = noise.argsort(dim=2)[:, :, : K + Q] + s.offsets[classes][..., None]
+        images = s.images[picks]  # [B, N, K+Q, C, H, W] uint8
+        labels = self._labels.view(1, N, 1).expand(B, N, K + Q)
+        shape = images.shape[3:]
+        sx, qx = images[:, :, :K].reshape(B, N * K, *shape), images[:, :, K:].reshape(B, N * Q, *shape)
+        sy, qy = labels[:, :, :K].reshape(B, N * K), labels[:, :, K:].reshape(B, N * Q)
+        # Shuffle within each set so example order carries no label (matters to sequence learners).
+        sp = torch.rand(B, N * K, generator=g, device=dev).argsort(dim=1)
+        qp = torch.rand(B, N * Q, generator=g, device=dev).argsort(dim=1)
+        sx, sy = _gather_rows(sx, sp), sy.gather(1, sp)
+        qx, qy = _gather_rows(qx, qp), qy.gather(1, qp)
+        return TaskBatch(_to_float(sx), sy, _to_float(qx), qy, classes)
+
+
+def _gather_rows(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    return x[torch.arange(x.shape[0], device=x.device)[:, None], perm]
+
+
+def _to_float(x: torch.Tensor) -> torch.Tensor:
+    return x.float().div_(255.0)

@@ -1,0 +1,16 @@
+"""Backbones. Each is one module with a ``Config`` dataclass and
+``build(cfg, image_shape) -> nn.Module`` whose ``out_features`` is the size of
+the embedding it returns; add a line here to register one."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+BACKBONES = {
+    "conv4": "metalearn.models.conv4",
+}
+
+
+def backbone_module(name: str) -> ModuleType:
+    return importlib.import_module(BACKBONES[name])

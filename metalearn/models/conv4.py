@@ -1,0 +1,86 @@
+"""conv4: the standard few-shot backbone (Vinyals et al. 2016; Finn et al. 2017).
+
+``layers`` x [3x3 conv (``hidden`` filters, padding 1), BatchNorm, ReLU, 2x2 max-pool],
+then flatten: 64 features for 28x28 inputs, 1600 for 84x84.
+
+BatchNorm semantics. Normalisation always uses the statistics of the batch
+being processed, *per task*, never running averages, at training and at test
+time: the "transductive" setting of the MAML paper and its reference code.
+A task's support set is normalised with support statistics during
+adaptation, its query set with query statistics. The module takes either one
+task, ``[n, C, H, W]``, or a batch of tasks, ``[T, n, C, H, W]``, and in the
+second case each task is normalised on its own, so results never depend on
+how many tasks are processed together. It is a plain module of parameters
+(no buffers), so ``torch.func.functional_call`` with a parameter dict is all
+an algorithm needs to run it with adapted weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metalearn.errors import ConfigError
+
+
+@dataclass
+class Config:
+    name: str = "conv4"
+    hidden: int = 64
+    layers: int = 4
+    norm: str = "batch"  # batch (per-task batch statistics) | none
+
+
+class TaskBatchNorm(nn.Module):
+    """BatchNorm over the examples of each task, with an affine transform, no running stats."""
+
+    def __init__(self, channels: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, tasks: int) -> torch.Tensor:
+        if tasks == 1:
+            return F.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
+        # Per-task statistics = ordinary BatchNorm with (task, channel) pairs as channels;
+        # one fused kernel beats a hand-written var_mean about 2x on CPU.
+        n, c, h, w = x.shape
+        xt = x.view(tasks, n // tasks, c, h * w).transpose(0, 1).reshape(n // tasks, tasks * c, h * w)
+        y = F.batch_norm(xt, None, None, self.weight.repeat(tasks), self.bias.repeat(tasks), training=True, eps=self.eps)
+        return y.view(n // tasks, tasks, c, h * w).transpose(0, 1).reshape(n, c, h, w)
+
+
+class Conv4(nn.Module):
+    def __init__(self, in_channels: int, hidden: int = 64, layers: int = 4, norm: str = "batch"):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(in_channels if i == 0 else hidden, hidden, 3, padding=1) for i in range(layers))
+        self.norms = nn.ModuleList(TaskBatchNorm(hidden) for _ in range(layers)) if norm == "batch" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[n, C, H, W] -> [n, F], or [T, n, C, H, W] -> [T, n, F] with per-task BatchNorm."""
+        lead = x.shape[:-3]
+        tasks = lead[0] if len(lead) == 2 else 1
+        x = x.reshape(-1, *x.shape[-3:])
+        for i, conv in enumerate(self.convs):
+            x = conv(x)
+            if self.norms is not None:
+                x = self.norms[i](x, tasks)
+            x = F.max_pool2d(F.relu(x), 2)
+        return x.reshape(*lead, -1)
+
+
+def build(cfg: Config, image_shape: tuple[int, int, int]) -> Conv4:
+    if cfg.norm not in ("batch", "none"):
+        raise ConfigError(f"backbone.norm={cfg.norm!r} is not one of: batch, none")
+    if cfg.hidden < 1 or cfg.layers < 1:
+        raise ConfigError("backbone.hidden and backbone.layers must be >= 1")
+    c, h, w = image_shape
+    if min(h, w) < 2**cfg.layers:
+        raise ConfigError(f"{cfg.layers} pooling layers need images of at least {2**cfg.layers}px (got {h}x{w}); lower backbone.layers")
+    net = Conv4(c, cfg.hidden, cfg.layers, cfg.norm)
+    net.out_features = cfg.hidden * (h >> cfg.layers) * (w >> cfg.layers)
+    return net
