@@ -59,9 +59,11 @@ def load(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"no checkpoint at {path}; give a run directory with checkpoints/last.pt or a .pt file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError, OSError) as e:
-        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a metalearn checkpoint ({reason}); use another checkpoint (last.pt / best.pt) or start a new run") from None
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError, OSError):
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or not a metalearn checkpoint (torch.load cannot read it); "
+            f"use another checkpoint (last.pt / best.pt) or start a new run"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a metalearn checkpoint; give a file written by metalearn train")
     if ckpt.get("format_version") != FORMAT_VERSION:

@@ -150,6 +150,28 @@ APPS = {"train": train_app, "eval": eval_app}
 # ---------------------------------------------------------------- dispatcher
 
 
+def _sweep_dir_names(args: list[str]) -> list[str]:
+    """In a multirun, name each job's directory by the swept keys only (``3_algo=maml,shots=5``).
+
+    Hydra's ``override_dirname`` lists every override; excluding the keys that do not vary keeps
+    the names short and makes them readable as TensorBoard run names.
+    """
+    if not any(a in ("-m", "--multirun") for a in args):
+        return args
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides([a for a in args if not a.startswith("-")])
+    except HydraException:
+        return args  # Hydra will report it
+    fixed = [o.get_key_element() for o in parsed if not o.is_sweep_override()]
+    if any(o.get_key_element() == "hydra.job.config.override_dirname.exclude_keys" for o in parsed):
+        return args
+    keys = sorted(set(fixed) | {"resume", "data.root", "device", "device.type", "trainer.progress"})
+    return [*args, f"hydra.job.config.override_dirname.exclude_keys=[{','.join(keys)}]"]
+
+
 def _precheck(command: str, args: list[str]) -> None:
     """Compose the config once before Hydra runs, to turn its multi-line errors into one line.
 
@@ -190,7 +212,7 @@ def _precheck(command: str, args: list[str]) -> None:
         with initialize_config_module(config_module="metalearn.conf", version_base="1.3"):
             cfg = compose(config_name, overrides=first)
     except HydraException as e:
-        fail(ConfigError(_hydra_error_line(str(e), conf_dir)))
+        fail(ConfigError(_hydra_error_line(str(e), conf_dir, config_name, first)))
     except OmegaConfBaseException as e:
         fail(ConfigError(str(e).splitlines()[0]))
     if command == "train" and cfg.get("resume") is None:
@@ -204,7 +226,7 @@ def _choices(group: Path) -> list[str]:
     return sorted(p.stem for p in group.glob("*.yaml"))
 
 
-def _hydra_error_line(message: str, conf_dir: Path) -> str:
+def _hydra_error_line(message: str, conf_dir: Path, config_name: str, overrides: list[str]) -> str:
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     first = lines[0] if lines else message
     if first.startswith("In '") and "Could not find '" in first:
@@ -214,7 +236,16 @@ def _hydra_error_line(message: str, conf_dir: Path) -> str:
             return f"unknown {group} {option!r}; choose one of: {', '.join(_choices(conf_dir / group))}"
     if first.startswith("Could not override '") or first.startswith("Could not append"):
         key = first.split("'", 2)[1]
-        return f"unknown option {key!r}; see 'metalearn train --cfg job' for the options (new keys are not accepted)"
+        group, _, option = key.partition(".")
+        if option and (conf_dir / group).is_dir():
+            from hydra import compose, initialize_config_module
+
+            rest = [o for o in overrides if not o.lstrip("+~").startswith(f"{group}.")]
+            with initialize_config_module(config_module="metalearn.conf", version_base="1.3"):
+                node = compose(config_name, overrides=rest)[group]
+            options = ", ".join(k for k in node if k != "name") or "none"
+            return f"{group}={node.name} has no option {option!r}; its options are: {options}"
+        return f"unknown option {key!r}; 'metalearn train --cfg job' shows every option (new keys are not accepted)"
     return first
 
 
@@ -251,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     if command not in APPS:
         fail(f"unknown command {command!r}; choose one of: {', '.join(COMMANDS)} (see metalearn --help)")
     _precheck(command, rest)
-    sys.argv = [sys.argv[0], *rest]
+    sys.argv = [sys.argv[0], *(_sweep_dir_names(rest) if command == "train" else rest)]
     APPS[command]()
     return 0
 

@@ -98,12 +98,17 @@ class ClassStore:
             )
         need = shots + queries
         small = [(n, int(c)) for n, c in zip(self.class_names, self.counts.tolist()) if c < need]
+        if len(small) == self.num_classes and len({c for _, c in small}) == 1:
+            raise DataError(
+                f"shots+queries={need} is more than the {small[0][1]} images per class of the {split} split; "
+                f"lower shots or queries"
+            )
         if small:
             shown = ", ".join(f"{n} ({c})" for n, c in small[:5])
             more = f" and {len(small) - 5} more" if len(small) > 5 else ""
             raise DataError(
                 f"shots+queries={need} is more than the images of {len(small)} class(es) of the {split} split: "
-                f"{shown}{more}; lower shots/queries or drop those classes"
+                f"{shown}{more}; lower shots/queries or remove those classes from the data"
             )
 
 
