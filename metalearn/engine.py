@@ -27,7 +27,7 @@ from tqdm import tqdm
 from metalearn import __version__, checkpoint
 from metalearn.algorithms import Algorithm, ProblemInfo, algorithm_module
 from metalearn.config import RunConfig, flat, to_dict
-from metalearn.data import SPLITS, ClassStore, EpisodeSampler, dataset_module
+from metalearn.data import ClassStore, EpisodeSampler, TaskBatch, dataset_module
 from metalearn.errors import ConfigError, TrainingError
 from metalearn.fileio import atomic_write_json
 from metalearn.models import backbone_module
@@ -111,9 +111,10 @@ def evaluate(algo: Algorithm, store: ClassStore, ways: int, shots: int, queries:
     """Mean and 95% CI of every metric over ``episodes`` fixed episodes (fixed by ``seed``)."""
     algo.eval()
     per_task: dict[str, list[torch.Tensor]] = {}
-    sampler = EpisodeSampler(store, ways, shots, queries, batch_size, seed)
+    # Episodes are drawn one at a time, so the episode stream (and the result) does not depend on batch_size.
+    sampler = EpisodeSampler(store, ways, shots, queries, 1, seed)
     for start in range(0, episodes, batch_size):
-        batch = sampler.sample()[: min(batch_size, episodes - start)].to(device)
+        batch = TaskBatch.cat([sampler.sample() for _ in range(min(batch_size, episodes - start))]).to(device)
         for k, v in algo.evaluate(batch).items():
             per_task.setdefault(k, []).append(v.detach())
     algo.train()

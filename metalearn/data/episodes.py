@@ -44,6 +44,11 @@ class TaskBatch:
     def to(self, device: torch.device | str) -> "TaskBatch":
         return TaskBatch(*(getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)))
 
+    @staticmethod
+    def cat(batches: list["TaskBatch"]) -> "TaskBatch":
+        """Concatenate batches of tasks along the task dimension."""
+        return TaskBatch(*(torch.cat([getattr(b, f.name) for b in batches]) for f in fields(TaskBatch)))
+
     def __getitem__(self, index) -> "TaskBatch":
         """Select tasks along the batch dimension (keeps the dimension for slices)."""
         return TaskBatch(*(getattr(self, f.name)[index] for f in fields(self)))

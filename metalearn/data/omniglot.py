@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from metalearn.data import SPLITS
 from metalearn.data.download import download, extract_zip
 from metalearn.data.episodes import ClassStore
 from metalearn.errors import ConfigError, DataError
@@ -43,7 +44,6 @@ OFFICIAL_MD5 = {
 }
 # The split files name the archives by the set they hold.
 _SET_ARCHIVE = {"background": "images_background", "evaluation": "images_evaluation"}
-SPLITS = ("train", "val", "test")
 # Bump when the cache's content or preprocessing changes, so old caches are rebuilt.
 _CACHE_VERSION = 1
 
