@@ -197,16 +197,14 @@ def _precheck(command: str, args: list[str]) -> None:
     first = []
     for o in parsed:
         key = o.get_key_element()
-        if o.is_sweep_override():
-            values = list(o.sweep_string_iterator())
-            group = conf_dir / key.lstrip("+~")
-            if group.is_dir():
-                for v in values:
-                    if not (group / f"{v}.yaml").is_file():
-                        fail(ConfigError(f"unknown {key} {v!r}; choose one of: {', '.join(_choices(group))}"))
-            first.append(f"{key}={values[0]}")
-        else:
-            first.append(o.input_line)
+        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
+        group = conf_dir / key.lstrip("+~")
+        # Checked here because Hydra silently skips a misspelt option of an optional group (experiment).
+        if group.is_dir() and not key.startswith("hydra"):
+            for v in values:
+                if isinstance(v, str) and not (group / f"{v}.yaml").is_file():
+                    fail(ConfigError(f"unknown {key.lstrip('+~')} {v!r}; choose one of: {', '.join(_choices(group))}"))
+        first.append(f"{key}={values[0]}" if o.is_sweep_override() else o.input_line)
     config_name = "config" if command == "train" else "eval"
     try:
         with initialize_config_module(config_module="metalearn.conf", version_base="1.3"):
@@ -283,7 +281,11 @@ def main(argv: list[str] | None = None) -> int:
         fail(f"unknown command {command!r}; choose one of: {', '.join(COMMANDS)} (see metalearn --help)")
     _precheck(command, rest)
     sys.argv = [sys.argv[0], *(_sweep_dir_names(rest) if command == "train" else rest)]
-    APPS[command]()
+    try:
+        APPS[command]()
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once, without a checkpoint
+        print("metalearn: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

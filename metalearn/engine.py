@@ -10,7 +10,6 @@ made to wait for the host inside the loop.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import random
@@ -18,7 +17,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -107,17 +106,25 @@ def mean_ci95(values: torch.Tensor) -> dict[str, float]:
 
 
 def evaluate(algo: Algorithm, store: ClassStore, ways: int, shots: int, queries: int,
-             episodes: int, batch_size: int, seed: int, device: torch.device) -> dict[str, dict[str, float]]:
-    """Mean and 95% CI of every metric over ``episodes`` fixed episodes (fixed by ``seed``)."""
+             episodes: int, batch_size: int, seed: int, device: torch.device,
+             between_batches: Callable[[], None] | None = None) -> dict[str, dict[str, float]]:
+    """Mean and 95% CI of every metric over ``episodes`` fixed episodes (fixed by ``seed``).
+
+    ``between_batches`` is called before each batch (the trainer raises from it to stop early).
+    """
     algo.eval()
     per_task: dict[str, list[torch.Tensor]] = {}
     # Episodes are drawn one at a time, so the episode stream (and the result) does not depend on batch_size.
     sampler = EpisodeSampler(store, ways, shots, queries, 1, seed)
-    for start in range(0, episodes, batch_size):
-        batch = TaskBatch.cat([sampler.sample() for _ in range(min(batch_size, episodes - start))]).to(device)
-        for k, v in algo.evaluate(batch).items():
-            per_task.setdefault(k, []).append(v.detach())
-    algo.train()
+    try:
+        for start in range(0, episodes, batch_size):
+            if between_batches is not None:
+                between_batches()
+            batch = TaskBatch.cat([sampler.sample() for _ in range(min(batch_size, episodes - start))]).to(device)
+            for k, v in algo.evaluate(batch).items():
+                per_task.setdefault(k, []).append(v.detach())
+    finally:
+        algo.train()
     return {k: mean_ci95(torch.cat(v)) for k, v in per_task.items()}
 
 
@@ -161,122 +168,169 @@ class Stopped(Exception):
         self.exit_code = exit_code
 
 
-def train(cfg: RunConfig, run_dir: Path, resume_from: dict | None = None) -> dict:
-    """Meta-train, validate, checkpoint and test. Returns the results written to results.json."""
-    run_dir = Path(run_dir)
-    device = resolve_device(cfg.device.type)
-    seed_everything(cfg.seed)
-    stores = load_data(cfg, device)
-    algo = build_algorithm(cfg, stores["train"]).to(device)
-    optimizer, scheduler = build_optimizer(cfg, algo.parameters())
-    sampler = EpisodeSampler(stores["train"], cfg.ways, cfg.shots, cfg.queries, cfg.meta_batch_size, cfg.seed)
-    ckpt_dir = run_dir / "checkpoints"
-    step, best = 0, Best()
-    if resume_from is not None:
-        checkpoint.load_model_state(algo, resume_from["model"], ckpt_dir / "last.pt")
-        optimizer.load_state_dict(resume_from["optimizer"])
-        scheduler.load_state_dict(resume_from["scheduler"])
-        sampler.load_state_dict(resume_from["sampler"])
-        checkpoint.set_rng_state(resume_from["rng"])
-        step, best = resume_from["step"], Best(**resume_from["best"])
-        log.info("resumed %s at step %d", run_dir, step)
+class _Interrupted(Exception):
+    """A stop request arrived during validation or test: leave them at once."""
 
-    def save(name: str) -> None:
+
+class Trainer:
+    """One run: the loop and its state. ``fit()`` trains, validates, checkpoints and tests."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, resume_from: dict | None = None):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.device = resolve_device(cfg.device.type)
+        seed_everything(cfg.seed)
+        self.stores = load_data(cfg, self.device)
+        self.algo = build_algorithm(cfg, self.stores["train"]).to(self.device)
+        self.optimizer, self.scheduler = build_optimizer(cfg, self.algo.parameters())
+        self.sampler = EpisodeSampler(self.stores["train"], cfg.ways, cfg.shots, cfg.queries, cfg.meta_batch_size, cfg.seed)
+        self.step, self.best, self.val_pending = 0, Best(), False
+        if resume_from is not None:
+            checkpoint.load_model_state(self.algo, resume_from["model"], self.ckpt_dir / "last.pt")
+            self.optimizer.load_state_dict(resume_from["optimizer"])
+            self.scheduler.load_state_dict(resume_from["scheduler"])
+            self.sampler.load_state_dict(resume_from["sampler"])
+            checkpoint.set_rng_state(resume_from["rng"])
+            self.step, self.best = resume_from["step"], Best(**resume_from["best"])
+            self.val_pending = resume_from.get("val_pending", False)
+            log.info("resumed %s at step %d", self.run_dir, self.step)
+        self.stop: dict[str, Any] = {"signal": None}
+
+    # ------------------------------------------------------------ pieces
+
+    def save(self, name: str, val_pending: bool = False) -> None:
         checkpoint.save(
-            ckpt_dir / f"{name}.pt", step=step, model=algo.state_dict(), optimizer=optimizer.state_dict(),
-            scheduler=scheduler.state_dict(), sampler=sampler.state_dict(), rng=checkpoint.rng_state(),
-            best={"value": best.value, "step": best.step}, metric=algo.primary_metric, config=to_dict(cfg),
+            self.ckpt_dir / f"{name}.pt", step=self.step, model=self.algo.state_dict(),
+            optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+            sampler=self.sampler.state_dict(), rng=checkpoint.rng_state(),
+            best={"value": self.best.value, "step": self.best.step}, val_pending=val_pending,
+            metric=self.algo.primary_metric, config=to_dict(self.cfg),
         )
 
-    tb = TensorBoard(run_dir, purge_step=step + 1 if step else None)
-    if step == 0:
-        tb.hparams({k: v for k, v in flat(to_dict(cfg)).items()
-                    if not k.startswith(("trainer.", "device.", "data.root", "resume"))})
-    params = list(algo.parameters())
-    n_params = sum(p.numel() for p in params)
-    log.info("%s on %s (%s, %d-way %d-shot, %d parameters) on %s -> %s", cfg.algo.name, cfg.data.name,
-             cfg.backbone.name, cfg.ways, cfg.shots, n_params, device, run_dir)
-    t = cfg.trainer
-    sums: dict[str, torch.Tensor] = {}
-    since, last_ok, tick = 0, step, time.perf_counter()
-    bar = tqdm(total=cfg.steps, initial=step, desc="meta-train", unit="step", dynamic_ncols=True,
-               disable=None if t.progress else True, leave=False)
-    try:
-        with stop_requests() as stop:
-            algo.train()
-            while step < cfg.steps:
-                batch = sampler.sample().to(device)
-                optimizer.zero_grad(set_to_none=True)
-                metrics = algo.meta_step(batch)
-                if cfg.optim.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                since += 1
-                for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0) + v.detach().mean()
-                bar.update()
-                last = step == cfg.steps
-                stopping = stop["signal"] is not None or step == t.stop_at
-                if step % t.log_every == 0 or last or stopping or step % t.ckpt_every == 0:
-                    train_means = {k: float(v) / since for k, v in sums.items()}
-                    if not all(math.isfinite(v) for v in train_means.values()):
-                        raise TrainingError(
-                            f"the training loss became NaN/inf between steps {last_ok + 1} and {step}; "
-                            f"{ckpt_dir / 'last.pt'} keeps the last good state; lower optim.lr or the inner learning rate, "
-                            f"or set optim.grad_clip, then start again"
-                        )
-                    elapsed = time.perf_counter() - tick
-                    rate = since * cfg.meta_batch_size / max(elapsed, 1e-9)
-                    scalars = {f"train/{k}": v for k, v in train_means.items()}
-                    scalars.update({"train/lr": optimizer.param_groups[0]["lr"], "train/tasks_per_second": rate})
-                    tb.scalars(step, scalars)
-                    bar.set_postfix({k: f"{v:.3f}" for k, v in train_means.items()} | {"tasks/s": f"{rate:.0f}"})
-                    if bar.disable:
-                        log.info("step %d/%d %s %.0f tasks/s", step, cfg.steps,
-                                 " ".join(f"{k} {v:.4f}" for k, v in train_means.items()), rate)
-                    sums, since, last_ok, tick = {}, 0, step, time.perf_counter()
-                if step % t.val_every == 0 or last:
-                    val = evaluate(algo, stores["val"], cfg.eval.ways, cfg.eval.shots, cfg.eval.queries,
-                                   t.val_episodes, cfg.eval.batch_size, t.eval_seed, device)
-                    value = val[algo.primary_metric]["mean"]
-                    tb.scalars(step, {f"val/{k}": v["mean"] for k, v in val.items()})
-                    if best.improves(value, algo.higher_is_better):
-                        best = Best(value, step)
-                        save("best")
-                    tb.scalars(step, {f"val/best_{algo.primary_metric}": best.value})
-                    log.info("step %d val %s %s (best %.4f at step %d)", step, algo.primary_metric,
-                             _fmt(val[algo.primary_metric]), best.value, best.step)
-                    tick = time.perf_counter()  # validation time is not training throughput
-                if step % t.ckpt_every == 0 or last or stopping:
-                    save("last")
-                if stopping and not last:
-                    how = "interrupted" if stop["signal"] is not None else f"stopped at trainer.stop_at={t.stop_at}"
-                    code = 128 + stop["signal"] if stop["signal"] is not None else 0
-                    raise Stopped(f"{how}: saved step {step}; continue with: metalearn train resume={run_dir}", code)
-        bar.close()
-        results = test(algo, cfg, stores["test"], device, ckpt_dir / "best.pt")
-        results.update(best_val={"metric": algo.primary_metric, "value": best.value, "step": best.step},
-                       steps=cfg.steps, run_dir=str(run_dir), version=__version__)
-        tb.scalars(cfg.steps, {f"test/{k}": v["mean"] for k, v in results["test"].items()})
-        tb.scalars(cfg.steps, {f"test/{k}_ci95": v["ci95"] for k, v in results["test"].items()})
-        atomic_write_json(run_dir / "results.json", results)
-        return results
-    finally:
-        bar.close()
-        tb.close()
+    def _check_stop(self) -> None:
+        if self.stop["signal"] is not None:
+            raise _Interrupted
+
+    def evaluate(self, split: str, episodes: int, seed: int) -> dict[str, dict[str, float]]:
+        e = self.cfg.eval
+        return evaluate(self.algo, self.stores[split], e.ways, e.shots, e.queries, episodes, e.batch_size, seed,
+                        self.device, between_batches=self._check_stop)
+
+    def validate(self, tb: TensorBoard) -> None:
+        val = self.evaluate("val", self.cfg.trainer.val_episodes, self.cfg.trainer.eval_seed)
+        metric = self.algo.primary_metric
+        tb.scalars(self.step, {f"val/{k}": v["mean"] for k, v in val.items()})
+        if self.best.improves(val[metric]["mean"], self.algo.higher_is_better):
+            self.best = Best(val[metric]["mean"], self.step)
+            self.save("best")
+        tb.scalars(self.step, {f"val/best_{metric}": self.best.value})
+        log.info("step %d val %s %s (best %.4f at step %d)", self.step, metric, _fmt(val[metric]),
+                 self.best.value, self.best.step)
+
+    def test(self) -> dict:
+        """Evaluate the best-validation weights on ``trainer.test_episodes`` fixed test episodes."""
+        best_path = self.ckpt_dir / "best.pt"
+        ckpt = checkpoint.load(best_path)
+        checkpoint.load_model_state(self.algo, ckpt["model"], best_path)
+        e = self.cfg.eval
+        metrics = self.evaluate("test", self.cfg.trainer.test_episodes, self.cfg.trainer.eval_seed + 1)
+        return {"test": metrics, "checkpoint": str(best_path), "checkpoint_step": ckpt["step"],
+                "episode": {"ways": e.ways, "shots": e.shots, "queries": e.queries},
+                "best_val": {"metric": self.algo.primary_metric, "value": self.best.value, "step": self.best.step},
+                "steps": self.cfg.steps, "run_dir": str(self.run_dir), "version": __version__}
+
+    def _stopped(self, what: str) -> Stopped:
+        sig = self.stop["signal"]
+        how = "interrupted" if sig is not None else f"stopped at trainer.stop_at={self.cfg.trainer.stop_at}"
+        return Stopped(f"{how}{what}: saved step {self.step}; continue with: metalearn train resume={self.run_dir}",
+                       128 + sig if sig is not None else 0)
+
+    # ------------------------------------------------------------ the loop
+
+    def fit(self) -> dict:
+        cfg, t, algo = self.cfg, self.cfg.trainer, self.algo
+        params = list(algo.parameters())
+        tb = TensorBoard(self.run_dir, purge_step=self.step + 1 if self.step else None)
+        if self.step == 0:
+            tb.hparams({k: v for k, v in flat(to_dict(cfg)).items()
+                        if not k.startswith(("trainer.", "device.", "data.root", "resume"))})
+        log.info("%s on %s (%s, %d-way %d-shot, %d parameters) on %s -> %s", cfg.algo.name, cfg.data.name,
+                 cfg.backbone.name, cfg.ways, cfg.shots, sum(p.numel() for p in params), self.device, self.run_dir)
+        sums: dict[str, torch.Tensor] = {}
+        since, last_ok, tick = 0, self.step, time.perf_counter()
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="meta-train", unit="step", dynamic_ncols=True,
+                   disable=None if t.progress else True, leave=False)
+        try:
+            with stop_requests() as self.stop:
+                algo.train()
+                if self.val_pending:  # the run was stopped during this step's validation
+                    self._validate_or_stop(tb)
+                while self.step < cfg.steps:
+                    batch = self.sampler.sample().to(self.device)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    metrics = algo.meta_step(batch)
+                    if cfg.optim.grad_clip is not None:
+                        torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    self.step += 1
+                    since += 1
+                    for k, v in metrics.items():  # stays on the device: no sync per step
+                        sums[k] = sums.get(k, 0) + v.detach().mean()
+                    bar.update()
+                    step, last = self.step, self.step == cfg.steps
+                    stopping = self.stop["signal"] is not None or step == t.stop_at
+                    saving = step % t.ckpt_every == 0 or last or stopping
+                    if step % t.log_every == 0 or saving:
+                        means = {k: float(v) / since for k, v in sums.items()}
+                        if not all(math.isfinite(v) for v in means.values()):
+                            raise TrainingError(
+                                f"the training loss became NaN/inf between steps {last_ok + 1} and {step}; "
+                                f"{self.ckpt_dir / 'last.pt'} keeps the last good state; lower optim.lr or the inner "
+                                f"learning rate, or set optim.grad_clip, then start again"
+                            )
+                        rate = since * cfg.meta_batch_size / max(time.perf_counter() - tick, 1e-9)
+                        scalars = {f"train/{k}": v for k, v in means.items()}
+                        tb.scalars(step, scalars | {"train/lr": self.optimizer.param_groups[0]["lr"],
+                                                    "train/tasks_per_second": rate})
+                        bar.set_postfix({k: f"{v:.3f}" for k, v in means.items()} | {"tasks/s": f"{rate:.0f}"})
+                        if bar.disable:
+                            log.info("step %d/%d %s %.0f tasks/s", step, cfg.steps,
+                                     " ".join(f"{k} {v:.4f}" for k, v in means.items()), rate)
+                        sums, since, last_ok = {}, 0, step
+                    if step % t.val_every == 0 or last:
+                        self._validate_or_stop(tb)
+                    if saving:
+                        self.save("last")
+                    if stopping and not last:
+                        raise self._stopped("")
+                    tick = time.perf_counter() if since == 0 else tick  # throughput excludes logging and validation
+                bar.close()
+                try:
+                    results = self.test()
+                except _Interrupted:
+                    raise self._stopped(" during the final test") from None
+            tb.scalars(cfg.steps, {f"test/{k}": v["mean"] for k, v in results["test"].items()})
+            tb.scalars(cfg.steps, {f"test/{k}_ci95": v["ci95"] for k, v in results["test"].items()})
+            atomic_write_json(self.run_dir / "results.json", results)
+            return results
+        finally:
+            bar.close()
+            tb.close()
+
+    def _validate_or_stop(self, tb: TensorBoard) -> None:
+        """Validate; if a stop request cuts validation short, checkpoint so that resuming validates first."""
+        try:
+            self.validate(tb)
+            self.val_pending = False
+        except _Interrupted:
+            self.save("last", val_pending=True)
+            raise self._stopped(" during validation") from None
 
 
-def test(algo: Algorithm, cfg: RunConfig, store: ClassStore, device: torch.device, best_path: Path) -> dict:
-    """Evaluate the best-validation weights on ``trainer.test_episodes`` test episodes."""
-    ckpt = checkpoint.load(best_path)
-    checkpoint.load_model_state(algo, ckpt["model"], best_path)
-    e = cfg.eval
-    metrics = evaluate(algo, store, e.ways, e.shots, e.queries, cfg.trainer.test_episodes, e.batch_size,
-                       cfg.trainer.eval_seed + 1, device)
-    return {"test": metrics, "checkpoint": str(best_path), "checkpoint_step": ckpt["step"],
-            "episode": {"ways": e.ways, "shots": e.shots, "queries": e.queries}}
+def train(cfg: RunConfig, run_dir: Path, resume_from: dict | None = None) -> dict:
+    """Meta-train, validate, checkpoint and test. Returns the results written to results.json."""
+    return Trainer(cfg, run_dir, resume_from).fit()
 
 
 def _fmt(m: dict[str, float]) -> str:
@@ -294,7 +348,3 @@ def print_results(results: dict) -> None:
     print(f"test {ep['ways']}-way {ep['shots']}-shot ({ep['queries']} queries per class), checkpoint step {results['checkpoint_step']}:")
     for k, m in results["test"].items():
         print("  " + format_result(k, m, percent=k == "accuracy"))
-
-
-def dump(results: dict) -> str:
-    return json.dumps(results, indent=2)
