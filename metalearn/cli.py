@@ -213,11 +213,15 @@ def _precheck(command: str, args: list[str]) -> None:
         fail(ConfigError(_hydra_error_line(str(e), conf_dir, config_name, first)))
     except OmegaConfBaseException as e:
         fail(ConfigError(str(e).splitlines()[0]))
-    if command == "train" and cfg.get("resume") is None:
-        try:
+    try:
+        if command == "train" and cfg.get("resume") is not None:
+            from metalearn import checkpoint
+
+            checkpoint.find(cfg.resume, "last")  # before Hydra creates the run directory
+        elif command == "train":
             to_run_config(cfg)
-        except MetalearnError as e:
-            fail(e)
+    except MetalearnError as e:
+        fail(e)
 
 
 def _choices(group: Path) -> list[str]:

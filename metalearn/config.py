@@ -142,8 +142,8 @@ def check(run: RunConfig) -> None:
         raise ConfigError(f"optim.name={run.optim.name!r} is not one of: adam, sgd")
     if run.optim.scheduler not in ("constant", "cosine", "step"):
         raise ConfigError(f"optim.scheduler={run.optim.scheduler!r} is not one of: constant, cosine, step")
-    if not run.optim.lr > 0:
-        raise ConfigError(f"optim.lr must be > 0 (got {run.optim.lr})")
+    if not 0 < run.optim.lr < 1e30:  # also rejects nan and inf; above float32's range it cannot even be applied
+        raise ConfigError(f"optim.lr must be a positive number below 1e30 (got {run.optim.lr})")
     if run.trainer.stop_at is not None and run.trainer.stop_at < 1:
         raise ConfigError(f"trainer.stop_at must be >= 1 (got {run.trainer.stop_at})")
 

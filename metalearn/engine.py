@@ -199,6 +199,8 @@ class Trainer:
     # ------------------------------------------------------------ pieces
 
     def save(self, name: str, val_pending: bool = False) -> None:
+        if not all(bool(torch.isfinite(p).all()) for p in self.algo.parameters()):
+            raise self._diverged(f"the meta-parameters became NaN/inf by step {self.step}")
         checkpoint.save(
             self.ckpt_dir / f"{name}.pt", step=self.step, model=self.algo.state_dict(),
             optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
@@ -238,6 +240,12 @@ class Trainer:
                 "episode": {"ways": e.ways, "shots": e.shots, "queries": e.queries},
                 "best_val": {"metric": self.algo.primary_metric, "value": self.best.value, "step": self.best.step},
                 "steps": self.cfg.steps, "run_dir": str(self.run_dir), "version": __version__}
+
+    def _diverged(self, what: str) -> TrainingError:
+        last = self.ckpt_dir / "last.pt"
+        kept = (f"{last} (step {checkpoint.load(last)['step']}) keeps the last good state" if last.is_file()
+                else "no checkpoint was saved before that")
+        return TrainingError(f"{what}; {kept}; lower optim.lr or the inner learning rate, or set optim.grad_clip")
 
     def _stopped(self, what: str) -> Stopped:
         sig = self.stop["signal"]
@@ -284,11 +292,7 @@ class Trainer:
                     if step % t.log_every == 0 or saving:
                         means = {k: float(v) / since for k, v in sums.items()}
                         if not all(math.isfinite(v) for v in means.values()):
-                            raise TrainingError(
-                                f"the training loss became NaN/inf between steps {last_ok + 1} and {step}; "
-                                f"{self.ckpt_dir / 'last.pt'} keeps the last good state; lower optim.lr or the inner "
-                                f"learning rate, or set optim.grad_clip, then start again"
-                            )
+                            raise self._diverged(f"the training loss became NaN/inf between steps {last_ok + 1} and {step}")
                         rate = since * cfg.meta_batch_size / max(time.perf_counter() - tick, 1e-9)
                         scalars = {f"train/{k}": v for k, v in means.items()}
                         tb.scalars(step, scalars | {"train/lr": self.optimizer.param_groups[0]["lr"],

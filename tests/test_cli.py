@@ -1,0 +1,272 @@
+"""The ``metalearn`` command end to end, in real subprocesses: help, train, eval, resume, sweeps,
+the installed wheel and tab completion."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+import metalearn
+
+CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "step", "rng", "sampler", "config", "version"}
+TRAIN_TAGS = {"train/loss", "train/accuracy", "train/lr", "train/tasks_per_second", "val/loss", "val/accuracy", "test/accuracy"}
+ACCURACY_LINE = re.compile(r"accuracy: ([\d.]+)% \+- ([\d.]+)% \(95% CI, (\d+) episodes\)")
+
+
+def event_files(run_dir: Path) -> list[Path]:
+    return sorted(run_dir.rglob("events.out.tfevents*"))
+
+
+def scalars(path: Path) -> EventAccumulator:
+    ea = EventAccumulator(str(path), size_guidance={"scalars": 0})
+    ea.Reload()
+    return ea
+
+
+def assert_no_tmp_files(run_dir: Path) -> None:
+    leftovers = [p for p in run_dir.rglob("*") if ".tmp" in p.name]
+    assert not leftovers, f"atomic writes left temp files: {leftovers}"
+
+
+# ---------------------------------------------------------------- help, version, config
+
+
+def test_top_level_help_and_version(cli, tmp_path):
+    proc = cli.run(["--help"], tmp_path)
+    assert proc.returncode == 0, cli.describe(proc)
+    assert "train" in proc.stdout and "eval" in proc.stdout and "usage: metalearn" in proc.stdout
+
+    proc = cli.run(["--version"], tmp_path)
+    assert proc.returncode == 0, cli.describe(proc)
+    assert proc.stdout.strip() == f"metalearn {metalearn.__version__}"
+
+
+def test_console_script_is_installed(cli, tmp_path):
+    script = Path(sys.executable).parent / "metalearn"
+    if not script.is_file():
+        pytest.skip("no metalearn script beside this python (package not pip-installed)")
+    proc = subprocess.run([str(script), "--help"], cwd=tmp_path, env=cli.env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "commands:" in proc.stdout, cli.describe(proc)
+
+
+def test_train_help_lists_config_groups(cli, tmp_path):
+    proc = cli.run(["train", "--help"], tmp_path)
+    assert proc.returncode == 0, cli.describe(proc)
+    out = proc.stdout
+    assert "Configuration groups" in out
+    assert re.search(r"^algo: maml, protonet$", out, re.M), out
+    assert re.search(r"^data: .*glyphs.*omniglot", out, re.M), out
+    assert re.search(r"^backbone: .*conv4", out, re.M), out
+    assert re.search(r"^device: auto, cpu, cuda, mps$", out, re.M), out
+
+
+def test_train_cfg_job_prints_composed_config(cli, tmp_path):
+    proc = cli.run(["train", "--cfg", "job", "algo=maml", "ways=5"], tmp_path)
+    assert proc.returncode == 0, cli.describe(proc)
+    assert re.search(r"^ways: 5$", proc.stdout, re.M), proc.stdout
+    assert "inner_lr: 0.4" in proc.stdout
+    assert not list(tmp_path.iterdir()), "--cfg job must not create a run directory"
+
+
+def test_train_info(cli, tmp_path):
+    proc = cli.run(["train", "--info"], tmp_path)
+    assert proc.returncode == 0, cli.describe(proc)
+    assert "Hydra" in proc.stdout
+
+
+# ---------------------------------------------------------------- train, then eval
+
+
+def test_train_writes_checkpoints_results_config_and_events(trained_run):
+    run = trained_run
+    for name in ("last", "best"):
+        ckpt = torch.load(run / "checkpoints" / f"{name}.pt", map_location="cpu", weights_only=True)
+        assert CHECKPOINT_KEYS <= set(ckpt), set(ckpt)
+        assert ckpt["version"] == metalearn.__version__
+        assert ckpt["config"]["algo"]["name"] == "maml" and ckpt["config"]["steps"] == 20
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 20
+    assert_no_tmp_files(run)
+
+    results = json.loads((run / "results.json").read_text())
+    accuracy = results["test"]["accuracy"]
+    assert 0.0 <= accuracy["mean"] <= 1.0 and accuracy["ci95"] > 0 and accuracy["episodes"] == 20
+    assert results["checkpoint_step"] == results["best_val"]["step"]
+    assert "ways: 5" in (run / ".hydra" / "config.yaml").read_text()
+
+    events = event_files(run)
+    assert len(events) == 1, f"one event file expected, directly in the run dir: {events}"
+    assert events[0].parent == run, "add_hparams must not create a time-named sub-run"
+    ea = scalars(events[0])
+    tags = set(ea.Tags()["scalars"])
+    assert TRAIN_TAGS <= tags, TRAIN_TAGS - tags
+    assert [e.step for e in ea.Scalars("train/loss")] == [5, 10, 15, 20]
+    assert ea.Scalars("test/accuracy")[-1].value == pytest.approx(accuracy["mean"], rel=1e-6)
+
+    # The HParams summaries live in the same file: one row per run in TensorBoard's HParams tab.
+    hparams = ea.PluginTagToContent("hparams")
+    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(hparams), set(hparams)
+    start = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_start_info"]).session_start_info
+    assert start.hparams["algo.name"].string_value == "maml"
+    assert start.hparams["ways"].number_value == 5
+
+
+@pytest.fixture(scope="module")
+def evaluations(cli, trained_run, tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
+    """``metalearn eval`` of the trained run, two ways, side by side."""
+    cwd = tmp_path_factory.mktemp("eval")
+    return cli.run_many({
+        "run": (["eval", f"run={trained_run}"], cwd),
+        "ckpt": (["eval", f"ckpt={trained_run / 'checkpoints' / 'best.pt'}", "shots=3", "episodes=10"], cwd),
+    })
+
+
+def test_eval_run_reproduces_the_test_result(cli, trained_run, evaluations):
+    results = json.loads((trained_run / "results.json").read_text())
+    proc = evaluations["run"]
+    assert proc.returncode == 0, cli.describe(proc)
+    assert "+-" in proc.stdout and "95% CI" in proc.stdout
+    match = ACCURACY_LINE.search(proc.stdout)
+    assert match, proc.stdout
+    acc = results["test"]["accuracy"]
+    assert match.groups() == (f"{100 * acc['mean']:.2f}", f"{100 * acc['ci95']:.2f}", "20")
+    written = Path(re.search(r"^results: (.+)$", proc.stdout, re.M).group(1))
+    assert written.parent == trained_run
+    assert json.loads(written.read_text())["test"] == results["test"]
+
+
+def test_eval_checkpoint_file_with_other_episode_shape(cli, evaluations):
+    proc = evaluations["ckpt"]
+    assert proc.returncode == 0, cli.describe(proc)
+    assert "5-way 3-shot" in proc.stdout
+    match = ACCURACY_LINE.search(proc.stdout)
+    assert match and match.group(3) == "10", proc.stdout
+
+
+# ---------------------------------------------------------------- resume
+
+
+def test_stop_and_resume_gives_the_same_results(cli, trained_run, tmp_path):
+    """A run stopped at step 10 and resumed ends exactly like the same run done in one go."""
+    run_b = tmp_path / "b"
+    results_a = (trained_run / "results.json").read_text()
+    procs = cli.run_many({
+        "stop": (["train", *cli.FAST, "trainer.stop_at=10", f"hydra.run.dir={run_b}"], tmp_path),
+        # Only steps, trainer.*, device and data.root may change on resume.
+        "refused": (["train", f"resume={trained_run}", "algo.inner_lr=0.1"], tmp_path),
+    })
+    proc = procs["refused"]
+    assert proc.returncode == 2, cli.describe(proc)
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("metalearn: error:"), proc.stderr
+    assert "algo.inner_lr=0.1" in proc.stderr and "Traceback" not in proc.stdout + proc.stderr
+    assert (trained_run / "results.json").read_text() == results_a
+
+    proc = procs["stop"]
+    assert proc.returncode == 0, cli.describe(proc)
+    assert len(proc.stderr.splitlines()) == 1 and f"metalearn train resume={run_b}" in proc.stderr, proc.stderr
+    assert not (run_b / "results.json").exists()
+    assert torch.load(run_b / "checkpoints" / "last.pt", weights_only=True)["step"] == 10
+    overrides = (run_b / ".hydra" / "overrides.yaml").read_text()
+    assert "trainer.stop_at=10" in overrides
+
+    proc = cli.run(["train", f"resume={run_b}"], tmp_path)
+    assert proc.returncode == 0, cli.describe(proc)
+    a = json.loads(results_a)
+    b = json.loads((run_b / "results.json").read_text())
+    assert b["test"] == a["test"]
+    assert b["best_val"] == a["best_val"]
+    assert (run_b / ".hydra" / "overrides.yaml").read_text() == overrides, "resume overwrote the run's overrides"
+    assert_no_tmp_files(run_b)
+
+    # Both invocations log into the run's one directory, and the curves join up without repeats.
+    assert {p.parent for p in event_files(run_b)} == {run_b}
+    resumed = scalars(run_b).Scalars("train/loss")
+    assert [e.step for e in resumed] == [5, 10, 15, 20]
+    whole = scalars(trained_run).Scalars("train/loss")
+    assert [e.value for e in resumed] == pytest.approx([e.value for e in whole], rel=1e-5)
+
+
+# ---------------------------------------------------------------- multirun
+
+
+@pytest.mark.slow
+def test_multirun_sweep(cli, tmp_path):
+    sweep = tmp_path / "sweep"
+    args = cli.with_overrides(cli.FAST, "steps=10")
+    proc = cli.run(["train", "-m", "algo=maml,protonet", "shots=1,5", *args, f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert proc.returncode == 0, cli.describe(proc)
+    names = ["0_algo=maml,shots=1", "1_algo=maml,shots=5", "2_algo=protonet,shots=1", "3_algo=protonet,shots=5"]
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == names
+    for name in names:
+        job = sweep / name
+        results = json.loads((job / "results.json").read_text())
+        assert results["episode"]["shots"] == int(name[-1])
+        assert [p.parent for p in event_files(job)] == [job]
+        assert_no_tmp_files(job)
+    assert not (tmp_path / "outputs").exists()
+
+    mux = EventMultiplexer()
+    mux.AddRunsFromDirectory(str(sweep))
+    mux.Reload()
+    assert sorted(mux.Runs()) == names
+    for name in names:
+        assert "test/accuracy" in mux.Runs()[name]["scalars"]
+        assert "_hparams_/session_start_info" in mux.PluginRunToTagToContent("hparams")[name]
+
+
+# ---------------------------------------------------------------- the installed wheel
+
+
+@pytest.mark.slow
+def test_wheel_install_runs_from_its_own_configs(cli, tmp_path):
+    dist, site, work = tmp_path / "dist", tmp_path / "site", tmp_path / "work"
+    work.mkdir()
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
+    build = subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(dist), str(cli.REPO)],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, cli.describe(build)
+    wheels = list(dist.glob("metalearn-*.whl"))
+    assert len(wheels) == 1, wheels
+    install = subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheels[0])],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert install.returncode == 0, cli.describe(install)
+
+    env = cli.env(PYTHONPATH=str(site))
+    where = subprocess.run([sys.executable, "-c", "import metalearn, metalearn.cli; print(metalearn.__file__)"],
+                           cwd=work, env=env, capture_output=True, text=True, timeout=120)
+    assert where.returncode == 0, cli.describe(where)
+    assert Path(where.stdout.strip()).resolve().is_relative_to(site.resolve()), where.stdout
+    assert (site / "metalearn" / "conf" / "config.yaml").is_file()
+
+    run = work / "run"
+    proc = cli.run(["train", *cli.FAST, f"hydra.run.dir={run}"], work, env=env)
+    assert proc.returncode == 0, cli.describe(proc)
+    assert (run / "results.json").is_file() and (run / "checkpoints" / "best.pt").is_file()
+
+
+# ---------------------------------------------------------------- tab completion
+
+
+def complete(cli, line: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "metalearn", "-sc", "query=bash"], cwd=cwd,
+                          env=cli.env(COMP_LINE=line), capture_output=True, text=True, timeout=120)
+
+
+def test_completion_of_group_options(cli, tmp_path):
+    proc = complete(cli, "metalearn train algo=", tmp_path)
+    assert proc.returncode == 0, cli.describe(proc)
+    assert {"algo=maml", "algo=protonet"} <= set(proc.stdout.split()), proc.stdout
+
+
+def test_completion_of_command_names(cli, tmp_path):
+    proc = complete(cli, "metalearn ", tmp_path)
+    assert proc.returncode == 0, cli.describe(proc)
+    assert proc.stdout.split() == ["train", "eval"]
