@@ -112,6 +112,7 @@ def evaluate(algo: Algorithm, store: ClassStore, ways: int, shots: int, queries:
 
     ``between_batches`` is called before each batch (the trainer raises from it to stop early).
     """
+    was_training = algo.training
     algo.eval()
     per_task: dict[str, list[torch.Tensor]] = {}
     # Episodes are drawn one at a time, so the episode stream (and the result) does not depend on batch_size.
@@ -124,7 +125,7 @@ def evaluate(algo: Algorithm, store: ClassStore, ways: int, shots: int, queries:
             for k, v in algo.evaluate(batch).items():
                 per_task.setdefault(k, []).append(v.detach())
     finally:
-        algo.train()
+        algo.train(was_training)
     return {k: mean_ci95(torch.cat(v)) for k, v in per_task.items()}
 
 

@@ -64,6 +64,8 @@ class ClassStore:
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError("images must be a uint8 tensor [N, C, H, W]")
         labels = torch.as_tensor(labels, dtype=torch.long)
+        if len(labels) != len(images) or (len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < len(class_names)):
+            raise ValueError("labels must give each image a class index in [0, len(class_names))")
         order = torch.argsort(labels, stable=True)
         self.images = images[order].contiguous()
         self.counts = torch.bincount(labels, minlength=len(class_names))

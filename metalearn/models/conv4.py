@@ -47,7 +47,7 @@ class TaskBatchNorm(nn.Module):
         if tasks == 1:
             return F.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
         # Per-task statistics = ordinary BatchNorm with (task, channel) pairs as channels;
-        # one fused kernel beats a hand-written var_mean about 2x on CPU.
+        # one fused kernel is about 2x faster on CPU than var_mean over a [T, n, C, H, W] view.
         n, c, h, w = x.shape
         xt = x.view(tasks, n // tasks, c, h * w).transpose(0, 1).reshape(n // tasks, tasks * c, h * w)
         y = F.batch_norm(xt, None, None, self.weight.repeat(tasks), self.bias.repeat(tasks), training=True, eps=self.eps)
@@ -63,6 +63,8 @@ class Conv4(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[n, C, H, W] -> [n, F], or [T, n, C, H, W] -> [T, n, F] with per-task BatchNorm."""
         lead = x.shape[:-3]
+        if len(lead) not in (1, 2):
+            raise ValueError(f"conv4 takes [n, C, H, W] or [T, n, C, H, W], got {tuple(x.shape)}")
         tasks = lead[0] if len(lead) == 2 else 1
         x = x.reshape(-1, *x.shape[-3:])
         for i, conv in enumerate(self.convs):
