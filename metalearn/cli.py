@@ -68,7 +68,7 @@ def _resume_config(cfg: DictConfig):
         if key == "resume":
             continue
         if not key.startswith(changeable):
-            raise ConfigError(f"'{override}' cannot change when resuming (only steps, trainer.*, device, data.root); start a new run instead")
+            raise ConfigError(f"'{override}' cannot change when resuming (only steps, trainer.*, device, data.root, eval.batch_size); start a new run instead")
         OmegaConf.update(saved, key, OmegaConf.select(cfg, key), merge=False)
     saved.resume = str(Path(cfg.resume))
     return to_run_config(saved), ckpt

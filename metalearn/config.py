@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from metalearn.algorithms import ALGORITHMS, algorithm_module
 from metalearn.data import DATASETS, dataset_module
@@ -94,9 +94,14 @@ def _typed(schema: type, node: Any, where: str) -> Any:
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         key = ".".join(k for k in (where, str(getattr(e, "full_key", "") or getattr(e, "key", "") or "")) if k)
-        if "not in" in str(e) or "Key '" in str(e):
-            valid = ", ".join(f.name for f in dataclasses.fields(schema) if f.name != "name")
-            raise ConfigError(f"unknown option {key}; the options of {where or 'the run'} are: {valid}") from None
+        if isinstance(e, ConfigKeyError):
+            node, parent = schema, key.split(".")[1 if where else 0:-1]
+            for part in parent:  # the nested dataclass that lacks the key, e.g. TrainerConfig
+                node = {f.name: f.type for f in dataclasses.fields(node)}.get(part, node)
+                node = globals().get(node, node) if isinstance(node, str) else node
+            valid = ", ".join(f.name for f in dataclasses.fields(node) if f.name != "name")
+            owner = ".".join(filter(None, [where, *parent])) or "the run"
+            raise ConfigError(f"unknown option {key}; the options of {owner} are: {valid}") from None
         msg = str(e).splitlines()[0]
         raise ConfigError(f"bad value for {key}: {msg}") from None
 

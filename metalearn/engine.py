@@ -173,6 +173,32 @@ class _Interrupted(Exception):
     """A stop request arrived during validation or test: leave them at once."""
 
 
+class _Window:
+    """Training metrics since the last log step, summed on the device (no host sync per step)."""
+
+    def __init__(self, step: int):
+        self.reset(step)
+
+    def reset(self, step: int) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps, self.first, self.start = 0, step + 1, time.perf_counter()
+
+    def add(self, metrics: dict[str, torch.Tensor]) -> None:
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0) + v.detach().mean()
+        self.steps += 1
+
+    def means(self) -> dict[str, float]:
+        return {k: float(v) / self.steps for k, v in self.sums.items()}
+
+    def seconds(self) -> float:
+        return max(time.perf_counter() - self.start, 1e-9)
+
+    def restart_clock_if_empty(self) -> None:
+        if self.steps == 0:
+            self.start = time.perf_counter()
+
+
 class Trainer:
     """One run: the loop and its state. ``fit()`` trains, validates, checkpoints and tests."""
 
@@ -190,7 +216,11 @@ class Trainer:
             checkpoint.load_model_state(self.algo, resume_from["model"], self.ckpt_dir / "last.pt")
             self.optimizer.load_state_dict(resume_from["optimizer"])
             self.scheduler.load_state_dict(resume_from["scheduler"])
-            self.sampler.load_state_dict(resume_from["sampler"])
+            try:
+                self.sampler.load_state_dict(resume_from["sampler"])
+            except (RuntimeError, ValueError):
+                raise ConfigError("this run's episode sampler ran on another kind of device; resume it with the "
+                                  "device it was trained on (device=cpu or device=cuda)") from None
             checkpoint.set_rng_state(resume_from["rng"])
             self.step, self.best = resume_from["step"], Best(**resume_from["best"])
             self.val_pending = resume_from.get("val_pending", False)
@@ -265,8 +295,7 @@ class Trainer:
                         if not k.startswith(("trainer.", "device.", "data.root", "resume"))})
         log.info("%s on %s (%s, %d-way %d-shot, %d parameters) on %s -> %s", cfg.algo.name, cfg.data.name,
                  cfg.backbone.name, cfg.ways, cfg.shots, sum(p.numel() for p in params), self.device, self.run_dir)
-        sums: dict[str, torch.Tensor] = {}
-        since, last_ok, tick = 0, self.step, time.perf_counter()
+        window = _Window(self.step)
         bar = tqdm(total=cfg.steps, initial=self.step, desc="meta-train", unit="step", dynamic_ncols=True,
                    disable=None if t.progress else True, leave=False)
         try:
@@ -275,41 +304,21 @@ class Trainer:
                 if self.val_pending:  # the run was stopped during this step's validation
                     self._validate_or_stop(tb)
                 while self.step < cfg.steps:
-                    batch = self.sampler.sample().to(self.device)
-                    self.optimizer.zero_grad(set_to_none=True)
-                    metrics = algo.meta_step(batch)
-                    if cfg.optim.grad_clip is not None:
-                        torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-                    self.optimizer.step()
-                    self.scheduler.step()
+                    window.add(self._meta_step(params))
                     self.step += 1
-                    since += 1
-                    for k, v in metrics.items():  # stays on the device: no sync per step
-                        sums[k] = sums.get(k, 0) + v.detach().mean()
                     bar.update()
                     step, last = self.step, self.step == cfg.steps
                     stopping = self.stop["signal"] is not None or step == t.stop_at
                     saving = step % t.ckpt_every == 0 or last or stopping
                     if step % t.log_every == 0 or saving:
-                        means = {k: float(v) / since for k, v in sums.items()}
-                        if not all(math.isfinite(v) for v in means.values()):
-                            raise self._diverged(f"the training loss became NaN/inf between steps {last_ok + 1} and {step}")
-                        rate = since * cfg.meta_batch_size / max(time.perf_counter() - tick, 1e-9)
-                        scalars = {f"train/{k}": v for k, v in means.items()}
-                        tb.scalars(step, scalars | {"train/lr": self.optimizer.param_groups[0]["lr"],
-                                                    "train/tasks_per_second": rate})
-                        bar.set_postfix({k: f"{v:.3f}" for k, v in means.items()} | {"tasks/s": f"{rate:.0f}"})
-                        if bar.disable:
-                            log.info("step %d/%d %s %.0f tasks/s", step, cfg.steps,
-                                     " ".join(f"{k} {v:.4f}" for k, v in means.items()), rate)
-                        sums, since, last_ok = {}, 0, step
+                        self._log_train(window, tb, bar)
                     if step % t.val_every == 0 or last:
                         self._validate_or_stop(tb)
                     if saving:
                         self.save("last")
                     if stopping and not last:
                         raise self._stopped("")
-                    tick = time.perf_counter() if since == 0 else tick  # throughput excludes logging and validation
+                    window.restart_clock_if_empty()  # throughput excludes logging, validation and saving
                 bar.close()
                 try:
                     results = self.test()
@@ -322,6 +331,30 @@ class Trainer:
         finally:
             bar.close()
             tb.close()
+
+    def _meta_step(self, params: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        batch = self.sampler.sample().to(self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics = self.algo.meta_step(batch)
+        if self.cfg.optim.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return metrics
+
+    def _log_train(self, window: "_Window", tb: TensorBoard, bar: tqdm) -> None:
+        """Mean train metrics since the last log (the one host sync), NaN check, scalars."""
+        means = window.means()
+        if not all(math.isfinite(v) for v in means.values()):
+            raise self._diverged(f"the training loss became NaN/inf between steps {window.first} and {self.step}")
+        rate = window.steps * self.cfg.meta_batch_size / window.seconds()
+        tb.scalars(self.step, {f"train/{k}": v for k, v in means.items()}
+                   | {"train/lr": self.optimizer.param_groups[0]["lr"], "train/tasks_per_second": rate})
+        bar.set_postfix({k: f"{v:.3f}" for k, v in means.items()} | {"tasks/s": f"{rate:.0f}"})
+        if bar.disable:
+            log.info("step %d/%d %s %.0f tasks/s", self.step, self.cfg.steps,
+                     " ".join(f"{k} {v:.4f}" for k, v in means.items()), rate)
+        window.reset(self.step)
 
     def _validate_or_stop(self, tb: TensorBoard) -> None:
         """Validate; if a stop request cuts validation short, checkpoint so that resuming validates first."""

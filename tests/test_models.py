@@ -11,6 +11,12 @@ from metalearn.models import backbone_module
 from metalearn.models import conv4
 
 
+@pytest.fixture(autouse=True, params=[True, False], ids=["folded", "task-by-task"])
+def fold_tasks(request, monkeypatch):
+    """Every test runs on both paths for [T, n, ...] input: one big batch (the GPU default) and the task loop."""
+    monkeypatch.setattr(conv4.Conv4, "fold_tasks", request.param)
+
+
 def build(image_shape=(1, 28, 28), **kw) -> conv4.Conv4:
     return conv4.build(conv4.Config(**kw), image_shape)
 

@@ -11,6 +11,9 @@ from metalearn.algorithms.base import Algorithm, ProblemInfo
 ALGORITHMS = {
     "maml": "metalearn.algorithms.maml",
     "protonet": "metalearn.algorithms.protonet",
+    "reptile": "metalearn.algorithms.reptile",
+    "metasgd": "metalearn.algorithms.metasgd",
+    "anil": "metalearn.algorithms.anil",
 }
 
 

@@ -37,12 +37,17 @@ class Config:
     first_order: bool = False  # FOMAML: ignore second derivatives
 
 
-def adapt(net: nn.Module, params: dict, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, create_graph: bool) -> dict:
-    """``steps`` SGD steps on (x, y) from ``params``; differentiable w.r.t. params if create_graph."""
+def adapt(net: nn.Module, params: dict, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float | dict,
+          create_graph: bool) -> dict:
+    """``steps`` SGD steps on (x, y) from ``params``; differentiable w.r.t. params if create_graph.
+
+    ``lr`` is one number, or a dict of tensors shaped like the parameters (Meta-SGD's learned
+    rates; the result is differentiable w.r.t. them whatever create_graph says).
+    """
     for _ in range(steps):
         loss = F.cross_entropy(functional_call(net, params, (x,)), y)
         grads = torch.autograd.grad(loss, tuple(params.values()), create_graph=create_graph)
-        params = {name: p - lr * g for (name, p), g in zip(params.items(), grads)}
+        params = {name: p - (lr[name] if isinstance(lr, dict) else lr) * g for (name, p), g in zip(params.items(), grads)}
     return params
 
 

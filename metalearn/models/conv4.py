@@ -55,6 +55,11 @@ class TaskBatchNorm(nn.Module):
 
 
 class Conv4(nn.Module):
+    #: Run a batch of tasks as one big batch (True) or task by task (False); None: big batch on
+    #: accelerators only. On CPU the task-by-task loop is about 2x faster (its activations stay in
+    #: cache); both give the same numbers up to float rounding.
+    fold_tasks: bool | None = None
+
     def __init__(self, in_channels: int, hidden: int = 64, layers: int = 4, norm: str = "batch"):
         super().__init__()
         self.convs = nn.ModuleList(nn.Conv2d(in_channels if i == 0 else hidden, hidden, 3, padding=1) for i in range(layers))
@@ -62,17 +67,22 @@ class Conv4(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[n, C, H, W] -> [n, F], or [T, n, C, H, W] -> [T, n, F] with per-task BatchNorm."""
-        lead = x.shape[:-3]
-        if len(lead) not in (1, 2):
+        if x.dim() == 4:
+            return self._features(x, tasks=1)
+        if x.dim() != 5:
             raise ValueError(f"conv4 takes [n, C, H, W] or [T, n, C, H, W], got {tuple(x.shape)}")
-        tasks = lead[0] if len(lead) == 2 else 1
-        x = x.reshape(-1, *x.shape[-3:])
+        fold = self.fold_tasks if self.fold_tasks is not None else x.device.type != "cpu"
+        if not fold:
+            return torch.stack([self._features(task, tasks=1) for task in x])
+        return self._features(x.flatten(0, 1), tasks=x.shape[0]).view(x.shape[0], x.shape[1], -1)
+
+    def _features(self, x: torch.Tensor, tasks: int) -> torch.Tensor:
         for i, conv in enumerate(self.convs):
             x = conv(x)
             if self.norms is not None:
                 x = self.norms[i](x, tasks)
             x = F.max_pool2d(F.relu(x), 2)
-        return x.reshape(*lead, -1)
+        return x.flatten(1)
 
 
 def build(cfg: Config, image_shape: tuple[int, int, int]) -> Conv4:
