@@ -25,10 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from metalearn.algorithms.base import Algorithm, ProblemInfo, accuracy
-from metalearn.algorithms.maml import adapt
+from metalearn.algorithms.base import ProblemInfo, accuracy
+from metalearn.algorithms.maml import MAML, adapt
 from metalearn.data.episodes import TaskBatch
-from metalearn.errors import ConfigError
 
 
 @dataclass
@@ -40,18 +39,8 @@ class Config:
     first_order: bool = False  # ignore second derivatives through the head's adaptation
 
 
-class ANIL(Algorithm):
-    def __init__(self, cfg: Config, backbone: nn.Module, info: ProblemInfo):
-        super().__init__()
-        if cfg.inner_steps < 0 or cfg.test_inner_steps < 0:
-            raise ConfigError("algo.inner_steps and algo.test_inner_steps must be >= 0")
-        self.cfg, self.ways = cfg, info.ways
-        # The same network as MAML's (same parameter names), so checkpoints and references line up.
-        self.net = nn.Sequential(backbone, nn.Linear(backbone.out_features, info.ways))
-
-    def check_episode(self, ways: int, shots: int, queries: int) -> None:
-        if ways != self.ways:
-            raise ConfigError(f"anil's classifier has {self.ways} outputs (trained {self.ways}-way); it cannot run {ways}-way episodes")
+class ANIL(MAML):
+    """MAML's network (same parameter names, so checkpoints and references line up); only the head adapts."""
 
     def _query_logits(self, support: torch.Tensor, query: torch.Tensor, support_y: torch.Tensor, head: dict,
                       steps: int, create_graph: bool) -> torch.Tensor:

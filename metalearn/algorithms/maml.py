@@ -51,6 +51,23 @@ def adapt(net: nn.Module, params: dict, x: torch.Tensor, y: torch.Tensor, steps:
     return params
 
 
+def finetune_and_score(net: nn.Module, batch: TaskBatch, steps: int, lr: float | dict) -> dict[str, torch.Tensor]:
+    """Fine-tune ``net``'s weights on each task's support set, then score its query set.
+
+    Evaluation only: nothing flows back to the meta-parameters, and they are left unchanged.
+    """
+    params = {k: p.detach().requires_grad_() for k, p in net.named_parameters()}
+    losses, accs = [], []
+    for t in range(batch.num_tasks):
+        with torch.enable_grad():
+            adapted = adapt(net, params, batch.support_x[t], batch.support_y[t], steps, lr, create_graph=False)
+        with torch.no_grad():
+            logits = functional_call(net, adapted, (batch.query_x[t],))
+            losses.append(F.cross_entropy(logits, batch.query_y[t]))
+            accs.append(accuracy(logits, batch.query_y[t]))
+    return {"loss": torch.stack(losses), "accuracy": torch.stack(accs)}
+
+
 class MAML(Algorithm):
     def __init__(self, cfg: Config, backbone: nn.Module, info: ProblemInfo):
         super().__init__()
@@ -61,14 +78,19 @@ class MAML(Algorithm):
 
     def check_episode(self, ways: int, shots: int, queries: int) -> None:
         if ways != self.ways:
-            raise ConfigError(f"maml's classifier has {self.ways} outputs (trained {self.ways}-way); it cannot run {ways}-way episodes")
+            raise ConfigError(f"{self.cfg.name}'s classifier has {self.ways} outputs (trained {self.ways}-way); "
+                              f"it cannot run {ways}-way episodes")
+
+    def inner_lr(self, detach: bool = False) -> float | dict:
+        """The inner-loop learning rate: one number here; Meta-SGD learns one per parameter entry."""
+        return self.cfg.inner_lr
 
     def meta_step(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
-        params = dict(self.net.named_parameters())
+        params, lr = dict(self.net.named_parameters()), self.inner_lr()
         losses, accs = [], []
         for t in range(batch.num_tasks):
             adapted = adapt(self.net, params, batch.support_x[t], batch.support_y[t],
-                            self.cfg.inner_steps, self.cfg.inner_lr, create_graph=not self.cfg.first_order)
+                            self.cfg.inner_steps, lr, create_graph=not self.cfg.first_order)
             logits = functional_call(self.net, adapted, (batch.query_x[t],))
             loss = F.cross_entropy(logits, batch.query_y[t])
             # Backward per task: the mean's gradient accumulates in .grad and each graph is freed at once.
@@ -78,17 +100,7 @@ class MAML(Algorithm):
         return {"loss": torch.stack(losses), "accuracy": torch.stack(accs)}
 
     def evaluate(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
-        params = {k: p.detach().requires_grad_() for k, p in self.net.named_parameters()}
-        losses, accs = [], []
-        for t in range(batch.num_tasks):
-            with torch.enable_grad():
-                adapted = adapt(self.net, params, batch.support_x[t], batch.support_y[t],
-                                self.cfg.test_inner_steps, self.cfg.inner_lr, create_graph=False)
-            with torch.no_grad():
-                logits = functional_call(self.net, adapted, (batch.query_x[t],))
-                losses.append(F.cross_entropy(logits, batch.query_y[t]))
-                accs.append(accuracy(logits, batch.query_y[t]))
-        return {"loss": torch.stack(losses), "accuracy": torch.stack(accs)}
+        return finetune_and_score(self.net, batch, self.cfg.test_inner_steps, self.inner_lr(detach=True))
 
 
 def build(cfg: Config, backbone: nn.Module, info: ProblemInfo) -> MAML:

@@ -44,7 +44,7 @@ from torch import nn
 from torch.func import functional_call
 
 from metalearn.algorithms.base import Algorithm, ProblemInfo, accuracy
-from metalearn.algorithms.maml import adapt
+from metalearn.algorithms.maml import adapt, finetune_and_score
 from metalearn.data.episodes import TaskBatch
 from metalearn.errors import ConfigError
 
@@ -112,17 +112,7 @@ class Reptile(Algorithm):
         return {"loss": torch.stack(losses), "accuracy": torch.stack(accs)}
 
     def evaluate(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
-        params = {k: p.detach().requires_grad_() for k, p in self.net.named_parameters()}
-        losses, accs = [], []
-        for t in range(batch.num_tasks):
-            with torch.enable_grad():
-                adapted = adapt(self.net, params, batch.support_x[t], batch.support_y[t],
-                                self.cfg.test_inner_steps, self.cfg.inner_lr, create_graph=False)
-            with torch.no_grad():
-                logits = functional_call(self.net, adapted, (batch.query_x[t],))
-                losses.append(F.cross_entropy(logits, batch.query_y[t]))
-                accs.append(accuracy(logits, batch.query_y[t]))
-        return {"loss": torch.stack(losses), "accuracy": torch.stack(accs)}
+        return finetune_and_score(self.net, batch, self.cfg.test_inner_steps, self.cfg.inner_lr)
 
 
 def build(cfg: Config, backbone: nn.Module, info: ProblemInfo) -> Reptile:
