@@ -82,3 +82,85 @@ def trained_run(tmp_path_factory) -> Path:
     proc = run_cli(["train", *FAST, f"hydra.run.dir={run_dir}"], cwd)
     assert proc.returncode == 0, describe(proc)
     return run_dir
+
+
+# ---------------------------------------------------------------- learning tests
+
+#: The glyphs problem every learning test uses: 5-way 1-shot, 5 queries, 200 fixed test episodes.
+LEARNING_DATA = {"name": "glyphs", "train_classes": 100, "val_classes": 5, "test_classes": 50, "seed": 0}
+LEARNING_TEST_EPISODES = 200
+
+
+def learning_config(algo: dict | str, steps: int, lr: float = 3e-3, seed: int = 0, optim: dict | None = None,
+                    backbone: dict | None = None):
+    """A RunConfig for a learning test: conv4-32 on glyphs, meta-batch 8, Adam ``lr`` unless ``optim`` says otherwise."""
+    from metalearn.config import to_run_config
+
+    algo = {"name": algo} if isinstance(algo, str) else algo
+    return to_run_config({
+        "algo": algo, "data": LEARNING_DATA,
+        "backbone": backbone or {"name": "conv4", "hidden": 32, "layers": 4, "norm": "batch"},
+        "device": {"type": "cpu", "data_on_device": True},
+        "ways": 5, "shots": 1, "queries": 5, "meta_batch_size": 8, "steps": steps, "seed": seed,
+        "eval": {"ways": 5, "shots": 1, "queries": 5, "batch_size": 50},
+        "optim": {"name": "adam", "lr": lr, **(optim or {})},
+    })
+
+
+class Learning:
+    """Meta-train with the engine's own pieces and measure test accuracy before and after.
+
+    ``learning.run(cfg)`` -> (accuracy before, accuracy after, seconds of training).
+    """
+
+    config = staticmethod(learning_config)
+
+    def __init__(self):
+        self._stores = None
+
+    @property
+    def stores(self) -> dict:
+        if self._stores is None:
+            import torch
+
+            from metalearn import engine
+
+            self._stores = engine.load_data(learning_config("protonet", steps=1), torch.device("cpu"))
+        return self._stores
+
+    def run(self, cfg) -> tuple[float, float, float]:
+        import time
+
+        import torch
+
+        from metalearn import engine
+        from metalearn.data import EpisodeSampler
+
+        cpu, stores, e = torch.device("cpu"), self.stores, cfg.eval
+        engine.seed_everything(cfg.seed)
+        algo = engine.build_algorithm(cfg, stores["train"])
+        optimizer, scheduler = engine.build_optimizer(cfg, algo.parameters())
+
+        def test_accuracy() -> float:
+            return engine.evaluate(algo, stores["test"], e.ways, e.shots, e.queries, LEARNING_TEST_EPISODES,
+                                   e.batch_size, 1, cpu)["accuracy"]["mean"]
+
+        before = test_accuracy()
+        sampler = EpisodeSampler(stores["train"], cfg.ways, cfg.shots, cfg.queries, cfg.meta_batch_size, cfg.seed)
+        start = time.perf_counter()
+        algo.train()
+        for _ in range(cfg.steps):
+            batch = sampler.sample()
+            optimizer.zero_grad(set_to_none=True)
+            metrics = algo.meta_step(batch)
+            assert torch.isfinite(metrics["loss"]).all()
+            optimizer.step()
+            scheduler.step()
+        seconds = time.perf_counter() - start
+        return before, test_accuracy(), seconds
+
+
+@pytest.fixture(scope="session")
+def learning() -> Learning:
+    """Shared glyphs data (built once per session) and the learning-test loop; see ``Learning``."""
+    return Learning()

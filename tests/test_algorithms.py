@@ -10,7 +10,6 @@ that meta-loss (second order) or with the first-order gradient built by hand.
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 import torch
@@ -20,8 +19,7 @@ from metalearn import engine
 from metalearn.algorithms import ProblemInfo, algorithm_module
 from metalearn.algorithms import maml as maml_mod
 from metalearn.algorithms import protonet as proto_mod
-from metalearn.config import to_run_config
-from metalearn.data import EpisodeSampler, TaskBatch
+from metalearn.data import TaskBatch
 from metalearn.data.episodes import ClassStore
 from metalearn.errors import ConfigError
 from metalearn.models import conv4
@@ -336,9 +334,7 @@ def test_algorithms_registered():
 
 # ---------------------------------------------------------------- learning
 
-# Small enough for a CPU-minute, big enough that learning shows: 5-way 1-shot glyphs.
-DATA = {"name": "glyphs", "train_classes": 100, "val_classes": 5, "test_classes": 50, "seed": 0}
-TEST_EPISODES = 200
+# 5-way 1-shot glyphs with conv4-32 (the ``learning`` fixture of conftest.py).
 # Measured on 2 CPU cores with seeds 0-5 (test accuracy over 200 fixed test episodes, before -> after):
 #   protonet, 30 steps:          0.52-0.56 -> 0.77-0.79   (about 7 s)
 #   maml, 60 steps, outer lr 1e-2: 0.45-0.50 -> 0.70-0.74 (about 15 s)
@@ -347,59 +343,16 @@ PROTONET_STEPS, PROTONET_MIN, PROTONET_GAIN = 30, 0.65, 0.15
 MAML_STEPS, MAML_LR, MAML_MIN, MAML_GAIN = 60, 1e-2, 0.6, 0.12
 
 
-@pytest.fixture(scope="module")
-def glyph_stores():
-    cfg = run_config("protonet", steps=1)
-    return engine.load_data(cfg, torch.device("cpu"))
-
-
-def run_config(algo: dict | str, steps: int, lr: float = 3e-3, seed: int = 0):
-    algo = {"name": algo} if isinstance(algo, str) else algo
-    return to_run_config({
-        "algo": algo, "data": DATA, "backbone": {"name": "conv4", "hidden": 32, "layers": 4, "norm": "batch"},
-        "device": {"type": "cpu", "data_on_device": True},
-        "ways": 5, "shots": 1, "queries": 5, "meta_batch_size": 8, "steps": steps, "seed": seed,
-        "eval": {"ways": 5, "shots": 1, "queries": 5, "batch_size": 50},
-        "optim": {"name": "adam", "lr": lr},
-    })
-
-
-def learn(cfg, stores) -> tuple[float, float, float]:
-    """Meta-train with the engine's pieces; test accuracy before and after, and the seconds taken."""
-    cpu = torch.device("cpu")
-    engine.seed_everything(cfg.seed)
-    algo = engine.build_algorithm(cfg, stores["train"])
-    optimizer, scheduler = engine.build_optimizer(cfg, algo.parameters())
-    e = cfg.eval
-
-    def test_accuracy() -> float:
-        return engine.evaluate(algo, stores["test"], e.ways, e.shots, e.queries, TEST_EPISODES, e.batch_size, 1, cpu)["accuracy"]["mean"]
-
-    before = test_accuracy()
-    sampler = EpisodeSampler(stores["train"], cfg.ways, cfg.shots, cfg.queries, cfg.meta_batch_size, cfg.seed)
-    start = time.perf_counter()
-    algo.train()
-    for _ in range(cfg.steps):
-        batch = sampler.sample()
-        optimizer.zero_grad(set_to_none=True)
-        metrics = algo.meta_step(batch)
-        assert torch.isfinite(metrics["loss"]).all()
-        optimizer.step()
-        scheduler.step()
-    seconds = time.perf_counter() - start
-    return before, test_accuracy(), seconds
-
-
-def test_protonet_learns(glyph_stores):
-    before, after, seconds = learn(run_config("protonet", steps=PROTONET_STEPS), glyph_stores)
+def test_protonet_learns(learning):
+    before, after, seconds = learning.run(learning.config("protonet", steps=PROTONET_STEPS))
     print(f"protonet 5-way 1-shot glyphs: {before:.3f} -> {after:.3f} in {seconds:.1f}s")
     assert after >= PROTONET_MIN
     assert after >= before + PROTONET_GAIN
 
 
-def test_maml_learns(glyph_stores):
-    cfg = run_config({"name": "maml", "inner_lr": 0.4, "inner_steps": 1, "test_inner_steps": 3}, steps=MAML_STEPS, lr=MAML_LR)
-    before, after, seconds = learn(cfg, glyph_stores)
+def test_maml_learns(learning):
+    cfg = learning.config({"name": "maml", "inner_lr": 0.4, "inner_steps": 1, "test_inner_steps": 3}, steps=MAML_STEPS, lr=MAML_LR)
+    before, after, seconds = learning.run(cfg)
     print(f"maml 5-way 1-shot glyphs: {before:.3f} -> {after:.3f} in {seconds:.1f}s")
     assert after >= MAML_MIN
     assert after >= before + MAML_GAIN

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 
 import pytest
 import torch
@@ -24,7 +23,7 @@ from metalearn.algorithms import anil as anil_mod
 from metalearn.algorithms import metasgd as metasgd_mod
 from metalearn.algorithms import reptile as reptile_mod
 from metalearn.config import to_run_config
-from metalearn.data import EpisodeSampler, TaskBatch
+from metalearn.data import TaskBatch
 from metalearn.errors import ConfigError
 from metalearn.models import conv4
 
@@ -376,7 +375,7 @@ def reptile_by_hand(p0: dict, batch: TaskBatch, steps: int, lr: float, batch_siz
 
 
 @pytest.mark.parametrize("batch_size, steps", [(4, 6), (None, 3)])
-def test_reptile_grad_is_theta_minus_mean_adapted(batch_size, steps):
+def test_reptile_grad_is_theta_minus_mean_adapted(batch_size, steps, learning):
     # 15 examples per task in batches of 4 for 6 steps: the second pass starts within the 4th batch
     lr = 0.3
     algo = tiny(reptile_mod, inner_lr=lr, inner_steps=steps, inner_batch_size=batch_size)
@@ -399,7 +398,7 @@ def test_reptile_grad_is_theta_minus_mean_adapted(batch_size, steps):
         torch.testing.assert_close(p.grad, 2 * (p0[name] - mean[name]), rtol=1e-8, atol=1e-12, msg=name)
 
     # outer SGD with lr 1 (the paper's epsilon = 1, no momentum) lands on the mean of the adapted weights
-    cfg = run_config("reptile", steps=1, lr=1.0, optim={"name": "sgd", "momentum": 0.0})
+    cfg = learning.config("reptile", steps=1, lr=1.0, optim={"name": "sgd", "momentum": 0.0})
     optimizer, _ = engine.build_optimizer(cfg, algo.parameters())
     optimizer.zero_grad(set_to_none=True)
     torch.manual_seed(7)
@@ -430,9 +429,7 @@ def test_reptile_evaluate_fine_tunes_on_the_support_set():
 
 # ---------------------------------------------------------------- learning
 
-# The set-up of test_algorithms.py's learning tests: 5-way 1-shot glyphs, conv4 with 32 filters.
-DATA = {"name": "glyphs", "train_classes": 100, "val_classes": 5, "test_classes": 50, "seed": 0}
-TEST_EPISODES = 200
+# The set-up of test_algorithms.py's learning tests (the ``learning`` fixture of conftest.py).
 # Measured with seeds 0-5 (test accuracy over 200 fixed test episodes, before -> after; one thread,
 # seconds of the whole test on a quiet machine):
 #   reptile, 40 steps, outer SGD lr 1 (the paper's rule), inner lr 0.4: 0.45-0.50 -> 0.68-0.70 (about 20 s)
@@ -449,53 +446,11 @@ LEARNING = {
 }
 
 
-@pytest.fixture(scope="module")
-def glyph_stores():
-    return engine.load_data(run_config("protonet", steps=1), torch.device("cpu"))
-
-
-def run_config(algo: dict | str, steps: int, lr: float = 3e-3, seed: int = 0, optim: dict | None = None):
-    algo = {"name": algo} if isinstance(algo, str) else algo
-    return to_run_config({
-        "algo": algo, "data": DATA, "backbone": {"name": "conv4", "hidden": 32, "layers": 4, "norm": "batch"},
-        "device": {"type": "cpu", "data_on_device": True},
-        "ways": 5, "shots": 1, "queries": 5, "meta_batch_size": 8, "steps": steps, "seed": seed,
-        "eval": {"ways": 5, "shots": 1, "queries": 5, "batch_size": 50},
-        "optim": {"name": "adam", "lr": lr, **(optim or {})},
-    })
-
-
-def learn(cfg, stores) -> tuple[float, float, float]:
-    """Meta-train with the engine's pieces; test accuracy before and after, and the seconds taken."""
-    cpu = torch.device("cpu")
-    engine.seed_everything(cfg.seed)
-    algo = engine.build_algorithm(cfg, stores["train"])
-    optimizer, scheduler = engine.build_optimizer(cfg, algo.parameters())
-    e = cfg.eval
-
-    def test_accuracy() -> float:
-        return engine.evaluate(algo, stores["test"], e.ways, e.shots, e.queries, TEST_EPISODES, e.batch_size, 1, cpu)["accuracy"]["mean"]
-
-    before = test_accuracy()
-    sampler = EpisodeSampler(stores["train"], cfg.ways, cfg.shots, cfg.queries, cfg.meta_batch_size, cfg.seed)
-    start = time.perf_counter()
-    algo.train()
-    for _ in range(cfg.steps):
-        batch = sampler.sample()
-        optimizer.zero_grad(set_to_none=True)
-        metrics = algo.meta_step(batch)
-        assert torch.isfinite(metrics["loss"]).all()
-        optimizer.step()
-        scheduler.step()
-    seconds = time.perf_counter() - start
-    return before, test_accuracy(), seconds
-
-
 @pytest.mark.parametrize("name", list(LEARNING))
-def test_learns(name, glyph_stores):
+def test_learns(name, learning):
     setting = LEARNING[name]
-    cfg = run_config(setting["algo"], steps=setting["steps"], lr=setting["lr"], optim=setting.get("optim"))
-    before, after, seconds = learn(cfg, glyph_stores)
+    cfg = learning.config(setting["algo"], steps=setting["steps"], lr=setting["lr"], optim=setting.get("optim"))
+    before, after, seconds = learning.run(cfg)
     print(f"{name} 5-way 1-shot glyphs: {before:.3f} -> {after:.3f} in {seconds:.1f}s")
     assert after >= setting["min"]
     assert after >= before + setting["gain"]
