@@ -1,6 +1,7 @@
 """Backbones. Each is one module with a ``Config`` dataclass and
 ``build(cfg, image_shape) -> nn.Module`` whose ``out_features`` is the size of
-the embedding it returns; add a line here to register one."""
+the (flat) embedding it returns and ``out_shape`` the (C, H, W) feature map
+that embedding flattens; add a line here to register one."""
 
 from __future__ import annotations
 

@@ -94,5 +94,6 @@ def build(cfg: Config, image_shape: tuple[int, int, int]) -> Conv4:
     if min(h, w) < 2**cfg.layers:
         raise ConfigError(f"{cfg.layers} pooling layers need images of at least {2**cfg.layers}px (got {h}x{w}); lower backbone.layers")
     net = Conv4(c, cfg.hidden, cfg.layers, cfg.norm)
+    net.out_shape = (cfg.hidden, h >> cfg.layers, w >> cfg.layers)  # the feature map before flattening
     net.out_features = cfg.hidden * (h >> cfg.layers) * (w >> cfg.layers)
     return net
