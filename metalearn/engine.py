@@ -334,6 +334,7 @@ class Trainer:
 
     def _meta_step(self, params: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         batch = self.sampler.sample().to(self.device)
+        self.algo.begin_step(self.step, self.cfg.steps)
         self.optimizer.zero_grad(set_to_none=True)
         metrics = self.algo.meta_step(batch)
         if self.cfg.optim.grad_clip is not None:

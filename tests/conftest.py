@@ -149,8 +149,9 @@ class Learning:
         sampler = EpisodeSampler(stores["train"], cfg.ways, cfg.shots, cfg.queries, cfg.meta_batch_size, cfg.seed)
         start = time.perf_counter()
         algo.train()
-        for _ in range(cfg.steps):
+        for step in range(cfg.steps):
             batch = sampler.sample()
+            algo.begin_step(step, cfg.steps)
             optimizer.zero_grad(set_to_none=True)
             metrics = algo.meta_step(batch)
             assert torch.isfinite(metrics["loss"]).all()

@@ -4,6 +4,7 @@ An algorithm is an ``nn.Module`` that owns the backbone and every
 meta-parameter (``self.parameters()`` is what the outer optimizer updates and
 what checkpoints hold). The engine loop, the same for every algorithm, is::
 
+    algo.begin_step(step, total_steps)  # schedules (e.g. MAML++'s annealing); usually a no-op
     optimizer.zero_grad()
     metrics = algo.meta_step(batch)   # fills .grad of algo.parameters()
     optimizer.step()
@@ -47,6 +48,13 @@ class Algorithm(nn.Module):
     #: the metric that selects the best checkpoint, and whether higher is better
     primary_metric: str = "accuracy"
     higher_is_better: bool = True
+
+    def begin_step(self, step: int, total_steps: int) -> None:
+        """Called before each ``meta_step`` with the number of meta-steps done so far (0-based).
+
+        Algorithms whose training changes over time (loss weights, derivative order) read the
+        schedule from here, so it resumes exactly from a checkpoint: the step is the engine's.
+        """
 
     def meta_step(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
         """One meta-training step on a batch of tasks: fill ``.grad`` of the meta-parameters."""
