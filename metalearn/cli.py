@@ -129,15 +129,12 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     device = engine.resolve_device(run_cfg.device.type)
     stores = engine.load_data(run_cfg, device)
     algo = engine.build_algorithm(run_cfg, stores["train"]).to(device)
-    checkpoint.load_model_state(algo, ckpt["model"], path)
-    e, episodes = run_cfg.eval, run_cfg.trainer.test_episodes
     seed = run_cfg.trainer.eval_seed + 1 if cfg.seed is None else cfg.seed
-    metrics = engine.evaluate(algo, stores["test"], e.ways, e.shots, e.queries, episodes, e.batch_size, seed, device)
-    results = {"test": metrics, "checkpoint": str(path), "checkpoint_step": ckpt["step"],
-               "episode": {"ways": e.ways, "shots": e.shots, "queries": e.queries}, "seed": seed}
+    results = engine.score_checkpoint(algo, path, run_cfg, stores["test"], seed, device)
     engine.print_results(results)
     run_dir = path.parent.parent
     if (run_dir / "checkpoints").is_dir():
+        e, episodes = run_cfg.eval, run_cfg.trainer.test_episodes
         out = run_dir / f"eval-{path.stem}-{e.ways}w{e.shots}s{e.queries}q-{episodes}ep-seed{seed}.json"
         atomic_write_json(out, results)
         print(f"results: {out}")

@@ -56,7 +56,7 @@ class OptimConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     momentum: float = 0.9  # sgd only
-    scheduler: str = "constant"  # constant | cosine | step
+    scheduler: str = "constant"  # constant | cosine | linear (to 0 at the last step) | step
     decay_every: int = 10000  # step scheduler
     decay_gamma: float = 0.5  # step scheduler
     grad_clip: Optional[float] = None  # max global norm of the meta-gradient
@@ -145,8 +145,8 @@ def check(run: RunConfig) -> None:
             raise ConfigError(f"{key} must be >= 1 (got {value})")
     if run.optim.name not in ("adam", "sgd"):
         raise ConfigError(f"optim.name={run.optim.name!r} is not one of: adam, sgd")
-    if run.optim.scheduler not in ("constant", "cosine", "step"):
-        raise ConfigError(f"optim.scheduler={run.optim.scheduler!r} is not one of: constant, cosine, step")
+    if run.optim.scheduler not in ("constant", "cosine", "linear", "step"):
+        raise ConfigError(f"optim.scheduler={run.optim.scheduler!r} is not one of: constant, cosine, linear, step")
     if not 0 < run.optim.lr < 1e30:  # also rejects nan and inf; above float32's range it cannot even be applied
         raise ConfigError(f"optim.lr must be a positive number below 1e30 (got {run.optim.lr})")
     if run.trainer.stop_at is not None and run.trainer.stop_at < 1:

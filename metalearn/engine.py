@@ -91,6 +91,8 @@ def build_optimizer(cfg: RunConfig, params) -> tuple[torch.optim.Optimizer, torc
         opt = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     if o.scheduler == "cosine":
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps)
+    elif o.scheduler == "linear":  # Reptile's annealing: lr * (1 - step / steps), 0 after the last step
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1.0 - step / cfg.steps))
     elif o.scheduler == "step":
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=o.decay_every, gamma=o.decay_gamma)
     else:
@@ -127,6 +129,19 @@ def evaluate(algo: Algorithm, store: ClassStore, ways: int, shots: int, queries:
     finally:
         algo.train(was_training)
     return {k: mean_ci95(torch.cat(v)) for k, v in per_task.items()}
+
+
+def score_checkpoint(algo: Algorithm, path: Path, cfg: RunConfig, test_store: ClassStore, seed: int,
+                    device: torch.device, between_batches: Callable[[], None] | None = None) -> dict:
+    """Load the weights saved at ``path`` into ``algo`` and score them on ``cfg.trainer.test_episodes``
+    episodes of ``cfg.eval``'s shape drawn with ``seed``: what the trainer's test and ``metalearn eval`` report."""
+    ckpt = checkpoint.load(path)
+    checkpoint.load_model_state(algo, ckpt["model"], path)
+    e = cfg.eval
+    metrics = evaluate(algo, test_store, e.ways, e.shots, e.queries, cfg.trainer.test_episodes, e.batch_size, seed,
+                       device, between_batches=between_batches)
+    return {"test": metrics, "checkpoint": str(path), "checkpoint_step": ckpt["step"],
+            "episode": {"ways": e.ways, "shots": e.shots, "queries": e.queries}, "seed": seed}
 
 
 @contextlib.contextmanager
@@ -262,13 +277,9 @@ class Trainer:
 
     def test(self) -> dict:
         """Evaluate the best-validation weights on ``trainer.test_episodes`` fixed test episodes."""
-        best_path = self.ckpt_dir / "best.pt"
-        ckpt = checkpoint.load(best_path)
-        checkpoint.load_model_state(self.algo, ckpt["model"], best_path)
-        e = self.cfg.eval
-        metrics = self.evaluate("test", self.cfg.trainer.test_episodes, self.cfg.trainer.eval_seed + 1)
-        return {"test": metrics, "checkpoint": str(best_path), "checkpoint_step": ckpt["step"],
-                "episode": {"ways": e.ways, "shots": e.shots, "queries": e.queries},
+        results = score_checkpoint(self.algo, self.ckpt_dir / "best.pt", self.cfg, self.stores["test"],
+                                  self.cfg.trainer.eval_seed + 1, self.device, between_batches=self._check_stop)
+        return {**results,
                 "best_val": {"metric": self.algo.primary_metric, "value": self.best.value, "step": self.best.step},
                 "steps": self.cfg.steps, "run_dir": str(self.run_dir), "version": __version__}
 

@@ -507,4 +507,4 @@ def test_preset_is_a_valid_config(name):
     assert cfg.algo.name == name and cfg.data.name == "omniglot" and (cfg.ways, cfg.shots) == (5, 1)
     assert (cfg.eval.ways, cfg.eval.shots, cfg.eval.queries) == (5, 1, 15)
     if name == "reptile":  # the paper's outer update: SGD without momentum on theta - mean(adapted)
-        assert (cfg.optim.name, cfg.optim.lr, cfg.optim.momentum) == ("sgd", 1.0, 0.0)
+        assert (cfg.optim.name, cfg.optim.lr, cfg.optim.momentum, cfg.optim.scheduler) == ("sgd", 1.0, 0.0, "linear")
