@@ -10,6 +10,7 @@ from types import ModuleType
 
 BACKBONES = {
     "conv4": "metalearn.models.conv4",
+    "resnet12": "metalearn.models.resnet12",
 }
 
 
