@@ -1,7 +1,9 @@
 """conv4: the standard few-shot backbone (Vinyals et al. 2016; Finn et al. 2017).
 
 ``layers`` x [3x3 conv (``hidden`` filters, padding 1), BatchNorm, ReLU, 2x2 max-pool],
-then flatten: 64 features for 28x28 inputs, 1600 for 84x84.
+then flatten: 64 features for 28x28 inputs, 1600 for 84x84. ``pool_layers: k`` max-pools
+in the first k blocks only (null: all), for algorithms that need feature maps rather
+than vectors, e.g. the Relation Network's embedding (k=2: 64x7x7 maps at 28x28).
 
 BatchNorm semantics. Normalisation always uses the statistics of the batch
 being processed, *per task*, never running averages, at training and at test
@@ -18,6 +20,7 @@ an algorithm needs to run it with adapted weights.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +35,7 @@ class Config:
     hidden: int = 64
     layers: int = 4
     norm: str = "batch"  # batch (per-task batch statistics) | none
+    pool_layers: Optional[int] = None  # how many leading blocks max-pool; None: all of them
 
 
 class TaskBatchNorm(nn.Module):
@@ -60,8 +64,10 @@ class Conv4(nn.Module):
     #: cache); both give the same numbers up to float rounding.
     fold_tasks: bool | None = None
 
-    def __init__(self, in_channels: int, hidden: int = 64, layers: int = 4, norm: str = "batch"):
+    def __init__(self, in_channels: int, hidden: int = 64, layers: int = 4, norm: str = "batch",
+                 pool_layers: int | None = None):
         super().__init__()
+        self.pool_layers = layers if pool_layers is None else pool_layers
         self.convs = nn.ModuleList(nn.Conv2d(in_channels if i == 0 else hidden, hidden, 3, padding=1) for i in range(layers))
         self.norms = nn.ModuleList(TaskBatchNorm(hidden) for _ in range(layers)) if norm == "batch" else None
 
@@ -81,7 +87,9 @@ class Conv4(nn.Module):
             x = conv(x)
             if self.norms is not None:
                 x = self.norms[i](x, tasks)
-            x = F.max_pool2d(F.relu(x), 2)
+            x = F.relu(x)
+            if i < self.pool_layers:
+                x = F.max_pool2d(x, 2)
         return x.flatten(1)
 
 
@@ -90,10 +98,15 @@ def build(cfg: Config, image_shape: tuple[int, int, int]) -> Conv4:
         raise ConfigError(f"backbone.norm={cfg.norm!r} is not one of: batch, none")
     if cfg.hidden < 1 or cfg.layers < 1:
         raise ConfigError("backbone.hidden and backbone.layers must be >= 1")
+    pools = cfg.layers if cfg.pool_layers is None else cfg.pool_layers
+    if not 0 <= pools <= cfg.layers:
+        raise ConfigError(f"backbone.pool_layers={cfg.pool_layers} must be between 0 and backbone.layers={cfg.layers} "
+                          "(or null: every block pools)")
     c, h, w = image_shape
-    if min(h, w) < 2**cfg.layers:
-        raise ConfigError(f"{cfg.layers} pooling layers need images of at least {2**cfg.layers}px (got {h}x{w}); lower backbone.layers")
-    net = Conv4(c, cfg.hidden, cfg.layers, cfg.norm)
-    net.out_shape = (cfg.hidden, h >> cfg.layers, w >> cfg.layers)  # the feature map before flattening
-    net.out_features = cfg.hidden * (h >> cfg.layers) * (w >> cfg.layers)
+    if min(h, w) < 2**pools:
+        fix = "lower backbone.pool_layers" if cfg.pool_layers is not None else "lower backbone.layers or set backbone.pool_layers"
+        raise ConfigError(f"{pools} pooling layers need images of at least {2**pools}px (got {h}x{w}); {fix}")
+    net = Conv4(c, cfg.hidden, cfg.layers, cfg.norm, cfg.pool_layers)
+    net.out_shape = (cfg.hidden, h >> pools, w >> pools)  # the feature map before flattening
+    net.out_features = cfg.hidden * (h >> pools) * (w >> pools)
     return net
