@@ -14,6 +14,14 @@ ALGORITHMS = {
     "reptile": "metalearn.algorithms.reptile",
     "metasgd": "metalearn.algorithms.metasgd",
     "anil": "metalearn.algorithms.anil",
+    "matchingnet": "metalearn.algorithms.matchingnet",
+    "relationnet": "metalearn.algorithms.relationnet",
+    "siamese": "metalearn.algorithms.siamese",
+    "baseline": "metalearn.algorithms.baseline",
+    "baseline_pp": "metalearn.algorithms.baseline_pp",
+    "mamlpp": "metalearn.algorithms.mamlpp",
+    "r2d2": "metalearn.algorithms.r2d2",
+    "metaoptnet_svm": "metalearn.algorithms.metaoptnet_svm",
 }
 
 
