@@ -493,7 +493,7 @@ def test_sweep_over_every_algorithm(cli, tmp_path):
     proc = cli.run(["train", "-m", f"algo={','.join(names)}", *cli.FAST, f"hydra.sweep.dir={sweep}"], tmp_path, timeout=900)
     assert proc.returncode == 0, cli.describe(proc)
     jobs = [f"{i}_algo={name}" for i, name in enumerate(names)]
-    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == jobs
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == sorted(jobs)
     for job, name in zip(jobs, names):
         results = json.loads((sweep / job / "results.json").read_text())
         assert results["test"]["accuracy"]["episodes"] == 20, job

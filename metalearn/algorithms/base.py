@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from metalearn.data.episodes import TaskBatch
@@ -66,6 +67,33 @@ class Algorithm(nn.Module):
 
     def check_episode(self, ways: int, shots: int, queries: int) -> None:
         """Raise ConfigError if this algorithm cannot handle such episodes (e.g. a fixed-size head)."""
+
+
+class QueryLossAlgorithm(Algorithm):
+    """An algorithm with no inner loop: its meta-loss is the mean over tasks of a query loss that is
+    differentiable end to end (metric learners, closed-form heads), and it evaluates with the same loss.
+
+    Subclasses implement ``query_loss(batch, training) -> (loss [B], accuracy [B])``; ``training`` lets
+    a training-only term (label smoothing) or solver budget differ from evaluation.
+    """
+
+    def query_loss(self, batch: TaskBatch, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def meta_step(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
+        loss, acc = self.query_loss(batch, training=True)
+        loss.mean().backward()
+        return {"loss": loss.detach(), "accuracy": acc.detach()}
+
+    @torch.no_grad()
+    def evaluate(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
+        loss, acc = self.query_loss(batch, training=False)
+        return {"loss": loss, "accuracy": acc}
+
+
+def task_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of each task: [B, n, C], [B, n] -> [B]."""
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels).mean(1)
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

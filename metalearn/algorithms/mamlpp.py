@@ -78,7 +78,7 @@ from metalearn.algorithms.base import ProblemInfo, accuracy
 from metalearn.algorithms.maml import MAML
 from metalearn.data.episodes import TaskBatch
 from metalearn.errors import ConfigError
-from metalearn.models.conv4 import TaskBatchNorm
+from metalearn.models.tasks import TaskBatchNorm
 
 #: Normalisation layers whose affine parameters BNWB keeps per inner state.
 NORM_LAYERS = (TaskBatchNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)

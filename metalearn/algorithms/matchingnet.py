@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metalearn.algorithms.base import Algorithm, ProblemInfo, accuracy
+from metalearn.algorithms.base import ProblemInfo, QueryLossAlgorithm, accuracy
 from metalearn.data.episodes import TaskBatch
 from metalearn.errors import ConfigError
 
@@ -105,7 +105,7 @@ class FullContextEmbedding(nn.Module):
         return h.view(b, n_q, dim)
 
 
-class MatchingNet(Algorithm):
+class MatchingNet(QueryLossAlgorithm):
     def __init__(self, cfg: Config, backbone: nn.Module, info: ProblemInfo):
         super().__init__()
         if cfg.cosine not in ("support", "both"):
@@ -123,21 +123,11 @@ class MatchingNet(Algorithm):
             query = self.fce.embed_query(query, support, self.cfg.fce_steps)
         return matching_probabilities(support, batch.support_y, query, batch.ways, self.cfg.cosine)
 
-    def _scores(self, batch: TaskBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def query_loss(self, batch: TaskBatch, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
         probs = self.probabilities(batch)
         log_probs = probs.clamp_min(LOG_CLAMP).log()
         loss = -log_probs.gather(-1, batch.query_y.unsqueeze(-1)).squeeze(-1).mean(1)
         return loss, accuracy(probs, batch.query_y)
-
-    def meta_step(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
-        loss, acc = self._scores(batch)
-        loss.mean().backward()
-        return {"loss": loss.detach(), "accuracy": acc.detach()}
-
-    @torch.no_grad()
-    def evaluate(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
-        loss, acc = self._scores(batch)
-        return {"loss": loss, "accuracy": acc}
 
 
 def build(cfg: Config, backbone: nn.Module, info: ProblemInfo) -> MatchingNet:

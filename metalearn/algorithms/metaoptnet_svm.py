@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metalearn.algorithms.base import Algorithm, ProblemInfo, accuracy
+from metalearn.algorithms.base import ProblemInfo, QueryLossAlgorithm, accuracy
 from metalearn.data.episodes import TaskBatch
 from metalearn.errors import ConfigError
 
@@ -202,7 +202,7 @@ def smoothed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, eps: floa
     return -(target * F.log_softmax(logits, -1)).sum(-1)
 
 
-class MetaOptNetSVM(Algorithm):
+class MetaOptNetSVM(QueryLossAlgorithm):
     def __init__(self, cfg: Config, backbone: nn.Module, info: ProblemInfo):
         super().__init__()
         if not 0 < cfg.C < math.inf:
@@ -221,18 +221,11 @@ class MetaOptNetSVM(Algorithm):
                             batch.ways, self.cfg.C, self.cfg.ridge, iterations)
         return self.scale * scores
 
-    def meta_step(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
-        logits = self.logits(batch, self.cfg.iterations)
-        loss = smoothed_cross_entropy(logits.flatten(0, 1), batch.query_y.flatten(), self.cfg.label_smoothing)
-        loss = loss.view_as(batch.query_y).mean(1)
-        loss.mean().backward()
-        return {"loss": loss.detach(), "accuracy": accuracy(logits.detach(), batch.query_y)}
-
-    @torch.no_grad()
-    def evaluate(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
-        logits = self.logits(batch, self.cfg.test_iterations)
-        loss = F.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten(), reduction="none").view_as(batch.query_y)
-        return {"loss": loss.mean(1), "accuracy": accuracy(logits, batch.query_y)}
+    def query_loss(self, batch: TaskBatch, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.logits(batch, self.cfg.iterations if training else self.cfg.test_iterations)
+        eps = self.cfg.label_smoothing if training else 0.0  # smoothing is a training device only
+        loss = smoothed_cross_entropy(logits.flatten(0, 1), batch.query_y.flatten(), eps).view_as(batch.query_y).mean(1)
+        return loss, accuracy(logits, batch.query_y)
 
 
 def build(cfg: Config, backbone: nn.Module, info: ProblemInfo) -> MetaOptNetSVM:

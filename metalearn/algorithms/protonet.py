@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metalearn.algorithms.base import Algorithm, ProblemInfo, accuracy
+from metalearn.algorithms.base import ProblemInfo, QueryLossAlgorithm, accuracy, task_cross_entropy
 from metalearn.data.episodes import TaskBatch
 
 
@@ -31,25 +31,14 @@ def prototype_logits(support: torch.Tensor, support_y: torch.Tensor, query: torc
     return -(query.unsqueeze(2) - prototypes.unsqueeze(1)).pow(2).sum(-1)
 
 
-class ProtoNet(Algorithm):
+class ProtoNet(QueryLossAlgorithm):
     def __init__(self, cfg: Config, backbone: nn.Module, info: ProblemInfo):
         super().__init__()
         self.cfg, self.backbone = cfg, backbone
 
-    def _scores(self, batch: TaskBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def query_loss(self, batch: TaskBatch, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
         logits = prototype_logits(self.backbone(batch.support_x), batch.support_y, self.backbone(batch.query_x), batch.ways)
-        loss = F.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten(), reduction="none").view_as(batch.query_y).mean(1)
-        return logits, loss, accuracy(logits, batch.query_y)
-
-    def meta_step(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
-        logits, loss, acc = self._scores(batch)
-        loss.mean().backward()
-        return {"loss": loss.detach(), "accuracy": acc.detach()}
-
-    @torch.no_grad()
-    def evaluate(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
-        _, loss, acc = self._scores(batch)
-        return {"loss": loss, "accuracy": acc}
+        return task_cross_entropy(logits, batch.query_y), accuracy(logits, batch.query_y)
 
 
 def build(cfg: Config, backbone: nn.Module, info: ProblemInfo) -> ProtoNet:

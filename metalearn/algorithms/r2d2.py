@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metalearn.algorithms.base import Algorithm, ProblemInfo, accuracy
+from metalearn.algorithms.base import ProblemInfo, QueryLossAlgorithm, accuracy, task_cross_entropy
 from metalearn.data.episodes import TaskBatch
 from metalearn.errors import ConfigError
 
@@ -77,7 +77,7 @@ def ridge_logits(support: torch.Tensor, support_y: torch.Tensor, query: torch.Te
     return xq @ torch.cholesky_solve(xs.mT @ y, torch.linalg.cholesky_ex(cov).L)
 
 
-class R2D2(Algorithm):
+class R2D2(QueryLossAlgorithm):
     def __init__(self, cfg: Config, backbone: nn.Module, info: ProblemInfo):
         super().__init__()
         if not 0 < cfg.init_lambda < math.inf:
@@ -96,20 +96,9 @@ class R2D2(Algorithm):
                            batch.ways, self.ridge_lambda())
         return self.scale * out + self.bias
 
-    def _scores(self, batch: TaskBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def query_loss(self, batch: TaskBatch, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.logits(batch)
-        loss = F.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten(), reduction="none").view_as(batch.query_y).mean(1)
-        return loss, accuracy(logits, batch.query_y)
-
-    def meta_step(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
-        loss, acc = self._scores(batch)
-        loss.mean().backward()
-        return {"loss": loss.detach(), "accuracy": acc.detach()}
-
-    @torch.no_grad()
-    def evaluate(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
-        loss, acc = self._scores(batch)
-        return {"loss": loss, "accuracy": acc}
+        return task_cross_entropy(logits, batch.query_y), accuracy(logits, batch.query_y)
 
 
 def build(cfg: Config, backbone: nn.Module, info: ProblemInfo) -> R2D2:

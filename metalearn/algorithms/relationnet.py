@@ -43,10 +43,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metalearn.algorithms.base import Algorithm, ProblemInfo, accuracy
+from metalearn.algorithms.base import ProblemInfo, QueryLossAlgorithm, accuracy
 from metalearn.data.episodes import TaskBatch
 from metalearn.errors import ConfigError
-from metalearn.models.conv4 import TaskBatchNorm
+from metalearn.models.tasks import TaskBatchNorm
 
 
 @dataclass
@@ -99,7 +99,7 @@ def pair_up(classes: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
     return torch.cat([left, right], dim=3)
 
 
-class RelationNet(Algorithm):
+class RelationNet(QueryLossAlgorithm):
     def __init__(self, cfg: Config, backbone: nn.Module, info: ProblemInfo):
         super().__init__()
         if cfg.channels < 1 or cfg.hidden < 1:
@@ -121,21 +121,11 @@ class RelationNet(Algorithm):
         # Tasks are contiguous blocks of rows, as TaskBatchNorm expects.
         return self.relation(pairs.flatten(0, 2), tasks=b).view(b, n_q, batch.ways)
 
-    def _scores(self, batch: TaskBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def query_loss(self, batch: TaskBatch, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
         scores = self.relation_scores(batch)
         target = F.one_hot(batch.query_y, batch.ways).to(scores.dtype)
         loss = (scores - target).pow(2).mean(dim=(1, 2))  # MSE per task
         return loss, accuracy(scores, batch.query_y)
-
-    def meta_step(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
-        loss, acc = self._scores(batch)
-        loss.mean().backward()
-        return {"loss": loss.detach(), "accuracy": acc.detach()}
-
-    @torch.no_grad()
-    def evaluate(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
-        loss, acc = self._scores(batch)
-        return {"loss": loss, "accuracy": acc}
 
 
 def build(cfg: Config, backbone: nn.Module, info: ProblemInfo) -> RelationNet:

@@ -27,6 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from metalearn.errors import ConfigError
+from metalearn.models.tasks import TaskBatchNorm, TaskwiseBackbone
+
+__all__ = ["Config", "Conv4", "TaskBatchNorm", "build"]
 
 
 @dataclass
@@ -38,31 +41,8 @@ class Config:
     pool_layers: Optional[int] = None  # how many leading blocks max-pool; None: all of them
 
 
-class TaskBatchNorm(nn.Module):
-    """BatchNorm over the examples of each task, with an affine transform, no running stats."""
-
-    def __init__(self, channels: int, eps: float = 1e-5):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor, tasks: int) -> torch.Tensor:
-        if tasks == 1:
-            return F.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
-        # Per-task statistics = ordinary BatchNorm with (task, channel) pairs as channels;
-        # one fused kernel is about 2x faster on CPU than var_mean over a [T, n, C, H, W] view.
-        n, c, h, w = x.shape
-        xt = x.view(tasks, n // tasks, c, h * w).transpose(0, 1).reshape(n // tasks, tasks * c, h * w)
-        y = F.batch_norm(xt, None, None, self.weight.repeat(tasks), self.bias.repeat(tasks), training=True, eps=self.eps)
-        return y.view(n // tasks, tasks, c, h * w).transpose(0, 1).reshape(n, c, h, w)
-
-
-class Conv4(nn.Module):
-    #: Run a batch of tasks as one big batch (True) or task by task (False); None: big batch on
-    #: accelerators only. On CPU the task-by-task loop is about 2x faster (its activations stay in
-    #: cache); both give the same numbers up to float rounding.
-    fold_tasks: bool | None = None
+class Conv4(TaskwiseBackbone):
+    name = "conv4"
 
     def __init__(self, in_channels: int, hidden: int = 64, layers: int = 4, norm: str = "batch",
                  pool_layers: int | None = None):
@@ -70,17 +50,6 @@ class Conv4(nn.Module):
         self.pool_layers = layers if pool_layers is None else pool_layers
         self.convs = nn.ModuleList(nn.Conv2d(in_channels if i == 0 else hidden, hidden, 3, padding=1) for i in range(layers))
         self.norms = nn.ModuleList(TaskBatchNorm(hidden) for _ in range(layers)) if norm == "batch" else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[n, C, H, W] -> [n, F], or [T, n, C, H, W] -> [T, n, F] with per-task BatchNorm."""
-        if x.dim() == 4:
-            return self._features(x, tasks=1)
-        if x.dim() != 5:
-            raise ValueError(f"conv4 takes [n, C, H, W] or [T, n, C, H, W], got {tuple(x.shape)}")
-        fold = self.fold_tasks if self.fold_tasks is not None else x.device.type != "cpu"
-        if not fold:
-            return torch.stack([self._features(task, tasks=1) for task in x])
-        return self._features(x.flatten(0, 1), tasks=x.shape[0]).view(x.shape[0], x.shape[1], -1)
 
     def _features(self, x: torch.Tensor, tasks: int) -> torch.Tensor:
         for i, conv in enumerate(self.convs):

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metalearn.errors import ConfigError
-from metalearn.models.conv4 import TaskBatchNorm
+from metalearn.models.tasks import TaskBatchNorm, TaskwiseBackbone
 
 SLOPE = 0.1  # LeakyReLU negative slope of the reference code
 
@@ -108,10 +108,8 @@ class Block(nn.Module):
         return F.max_pool2d(out, 2)
 
 
-class ResNet12(nn.Module):
-    #: Run a batch of tasks as one big batch (True) or task by task (False); None: big batch on
-    #: accelerators only, as conv4 (on CPU the loop keeps activations in cache).
-    fold_tasks: bool | None = None
+class ResNet12(TaskwiseBackbone):
+    name = "resnet12"
 
     def __init__(self, in_channels: int, channels: list[int], avg_pool: bool = False, drop_block: bool = False,
                  drop_rate: float = 0.1, block_size: int = 5, dropout: float = 0.0):
@@ -123,17 +121,6 @@ class ResNet12(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="leaky_relu")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[n, C, H, W] -> [n, F], or [T, n, C, H, W] -> [T, n, F] with per-task BatchNorm."""
-        if x.dim() == 4:
-            return self._features(x, tasks=1)
-        if x.dim() != 5:
-            raise ValueError(f"resnet12 takes [n, C, H, W] or [T, n, C, H, W], got {tuple(x.shape)}")
-        fold = self.fold_tasks if self.fold_tasks is not None else x.device.type != "cpu"
-        if not fold:
-            return torch.stack([self._features(task, tasks=1) for task in x])
-        return self._features(x.flatten(0, 1), tasks=x.shape[0]).view(x.shape[0], x.shape[1], -1)
 
     def _features(self, x: torch.Tensor, tasks: int) -> torch.Tensor:
         last = len(self.blocks) - 1
