@@ -26,7 +26,8 @@ from tqdm import tqdm
 from metalearn import __version__, checkpoint
 from metalearn.algorithms import Algorithm, ProblemInfo, algorithm_module
 from metalearn.config import RunConfig, flat, to_dict
-from metalearn.data import ClassStore, EpisodeSampler, TaskBatch, dataset_module
+from metalearn.data import ClassStore, TaskBatch, dataset_module
+from metalearn.data.common import episode_transforms
 from metalearn.errors import ConfigError, TrainingError
 from metalearn.fileio import atomic_write_json
 from metalearn.models import backbone_module
@@ -64,7 +65,13 @@ def seed_everything(seed: int) -> None:
 
 
 def load_data(cfg: RunConfig, device: torch.device) -> dict[str, ClassStore]:
+    """The train/val/test task sources of ``cfg.data``, checked against the episode shapes, with
+    their input transforms (``data.normalize``, ``data.augment``) set, on ``device`` if asked."""
     stores = dataset_module(cfg.data.name).load(cfg.data)
+    train_transform, eval_transform = episode_transforms(cfg.data, stores["train"])
+    for split, store in stores.items():
+        store.train_transform = train_transform if split == "train" else eval_transform
+        store.eval_transform = eval_transform
     stores["train"].check_episode("train", cfg.ways, cfg.shots, cfg.queries)
     for split in ("val", "test"):
         stores[split].check_episode(split, cfg.eval.ways, cfg.eval.shots, cfg.eval.queries)
@@ -75,8 +82,8 @@ def load_data(cfg: RunConfig, device: torch.device) -> dict[str, ClassStore]:
 
 
 def build_algorithm(cfg: RunConfig, train_store: ClassStore) -> Algorithm:
-    backbone = backbone_module(cfg.backbone.name).build(cfg.backbone, train_store.image_shape)
-    info = ProblemInfo(image_shape=train_store.image_shape, ways=cfg.ways, num_train_classes=train_store.num_classes)
+    backbone = backbone_module(cfg.backbone.name).build(cfg.backbone, train_store.input_shape)
+    info = ProblemInfo(input_shape=train_store.input_shape, ways=cfg.ways, num_train_classes=train_store.num_classes)
     algo = algorithm_module(cfg.algo.name).build(cfg.algo, backbone, info)
     algo.check_episode(cfg.ways, cfg.shots, cfg.queries)
     algo.check_episode(cfg.eval.ways, cfg.eval.shots, cfg.eval.queries)
@@ -118,7 +125,7 @@ def evaluate(algo: Algorithm, store: ClassStore, ways: int, shots: int, queries:
     algo.eval()
     per_task: dict[str, list[torch.Tensor]] = {}
     # Episodes are drawn one at a time, so the episode stream (and the result) does not depend on batch_size.
-    sampler = EpisodeSampler(store, ways, shots, queries, 1, seed)
+    sampler = store.sampler(ways, shots, queries, 1, seed)
     try:
         for start in range(0, episodes, batch_size):
             if between_batches is not None:
@@ -225,7 +232,8 @@ class Trainer:
         self.stores = load_data(cfg, self.device)
         self.algo = build_algorithm(cfg, self.stores["train"]).to(self.device)
         self.optimizer, self.scheduler = build_optimizer(cfg, self.algo.parameters())
-        self.sampler = EpisodeSampler(self.stores["train"], cfg.ways, cfg.shots, cfg.queries, cfg.meta_batch_size, cfg.seed)
+        self.sampler = self.stores["train"].sampler(cfg.ways, cfg.shots, cfg.queries, cfg.meta_batch_size, cfg.seed,
+                                                    training=True)
         self.step, self.best, self.val_pending = 0, Best(), False
         if resume_from is not None:
             checkpoint.load_model_state(self.algo, resume_from["model"], self.ckpt_dir / "last.pt")

@@ -19,7 +19,6 @@ import torch
 
 from metalearn.config import to_run_config
 from metalearn.engine import build_algorithm, build_optimizer, load_data, resolve_device
-from metalearn.data import EpisodeSampler
 
 
 def main() -> None:
@@ -50,7 +49,7 @@ def main() -> None:
     stores = load_data(cfg, device)
     algo = build_algorithm(cfg, stores["train"]).to(device)
     optimizer, _ = build_optimizer(cfg, algo.parameters())
-    sampler = EpisodeSampler(stores["train"], a.ways, a.shots, a.queries, a.meta_batch_size, seed=0)
+    sampler = stores["train"].sampler(a.ways, a.shots, a.queries, a.meta_batch_size, seed=0, training=True)
 
     def sync():
         if device.type == "cuda":

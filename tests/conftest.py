@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import http.server
 import os
 import subprocess
+import threading
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -134,7 +136,6 @@ class Learning:
         import torch
 
         from metalearn import engine
-        from metalearn.data import EpisodeSampler
 
         cpu, stores, e = torch.device("cpu"), self.stores, cfg.eval
         engine.seed_everything(cfg.seed)
@@ -146,7 +147,7 @@ class Learning:
                                    e.batch_size, 1, cpu)["accuracy"]["mean"]
 
         before = test_accuracy()
-        sampler = EpisodeSampler(stores["train"], cfg.ways, cfg.shots, cfg.queries, cfg.meta_batch_size, cfg.seed)
+        sampler = stores["train"].sampler(cfg.ways, cfg.shots, cfg.queries, cfg.meta_batch_size, cfg.seed, training=True)
         start = time.perf_counter()
         algo.train()
         for step in range(cfg.steps):
@@ -165,3 +166,33 @@ class Learning:
 def learning() -> Learning:
     """Shared glyphs data (built once per session) and the learning-test loop; see ``Learning``."""
     return Learning()
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """Serves ``server.files`` ({"/path": bytes}); paths under /cut/ promise more bytes than they send, then hang up."""
+
+    def do_GET(self):
+        body = self.server.files.get(self.path.removeprefix("/cut"))
+        if body is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body) * (2 if self.path.startswith("/cut/") else 1)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def http_server():
+    """A real HTTP server on 127.0.0.1: ``(httpd, base_url)``; put files in ``httpd.files["/name"] = bytes``."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    httpd.files = {}
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield httpd, f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join()

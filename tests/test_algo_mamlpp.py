@@ -37,7 +37,7 @@ NORMS = [f"net.0.norms.{i}.{p}" for i in range(LAYERS) for p in ("weight", "bias
 def build(module, seed=0, backbone_norm="batch", **cfg):
     torch.manual_seed(seed)
     backbone = conv4.build(conv4.Config(hidden=HIDDEN, layers=LAYERS, norm=backbone_norm), (1, SIZE, SIZE))
-    info = ProblemInfo(image_shape=(1, SIZE, SIZE), ways=WAYS, num_train_classes=10)
+    info = ProblemInfo(input_shape=(1, SIZE, SIZE), ways=WAYS, num_train_classes=10)
     return module.build(module.Config(**cfg), backbone, info).double()
 
 

@@ -92,7 +92,7 @@ def random_features(seed: int, n: int, features: int, ways: int, scale: float = 
 def tiny(ways=WAYS, **cfg) -> svm_mod.MetaOptNetSVM:
     torch.manual_seed(0)
     backbone = conv4.build(conv4.Config(hidden=HIDDEN, layers=LAYERS), (1, SIZE, SIZE))
-    info = ProblemInfo(image_shape=(1, SIZE, SIZE), ways=ways, num_train_classes=10)
+    info = ProblemInfo(input_shape=(1, SIZE, SIZE), ways=ways, num_train_classes=10)
     cfg = {"init_scale": 1.7, **cfg}
     algo = svm_mod.build(svm_mod.Config(**cfg), backbone, info).double()
     with torch.no_grad():

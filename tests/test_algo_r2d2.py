@@ -34,7 +34,7 @@ SIZE, HIDDEN, LAYERS = 8, 4, 2  # 16 features: n = 6 support examples < F + 1 (t
 def tiny(ways=WAYS, **cfg) -> r2d2_mod.R2D2:
     torch.manual_seed(0)
     backbone = conv4.build(conv4.Config(hidden=HIDDEN, layers=LAYERS), (1, SIZE, SIZE))
-    info = ProblemInfo(image_shape=(1, SIZE, SIZE), ways=ways, num_train_classes=10)
+    info = ProblemInfo(input_shape=(1, SIZE, SIZE), ways=ways, num_train_classes=10)
     cfg = {"init_lambda": 0.7, "init_scale": 2.5, "init_bias": 0.3, **cfg}  # non-trivial values everywhere
     algo = r2d2_mod.build(r2d2_mod.Config(**cfg), backbone, info).double()
     with torch.no_grad():

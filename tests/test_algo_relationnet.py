@@ -28,14 +28,14 @@ WAYS, SHOTS, QUERIES, TASKS = 3, 2, 3, 2
 SIZE, HIDDEN, LAYERS, POOLS = 12, 4, 3, 1  # 4x6x6 maps; the relation module pools 6 -> 3 -> 1
 
 
-def backbone(image_shape=(1, SIZE, SIZE), **kw) -> conv4.Conv4:
-    return conv4.build(conv4.Config(**{"hidden": HIDDEN, "layers": LAYERS, "pool_layers": POOLS, **kw}), image_shape)
+def backbone(input_shape=(1, SIZE, SIZE), **kw) -> conv4.Conv4:
+    return conv4.build(conv4.Config(**{"hidden": HIDDEN, "layers": LAYERS, "pool_layers": POOLS, **kw}), input_shape)
 
 
-def tiny(image_shape=(1, SIZE, SIZE), backbone_kw=None, **cfg) -> rn.RelationNet:
+def tiny(input_shape=(1, SIZE, SIZE), backbone_kw=None, **cfg) -> rn.RelationNet:
     torch.manual_seed(0)
-    net = backbone(image_shape, **(backbone_kw or {}))
-    algo = rn.build(rn.Config(**{"channels": 5, "hidden": 3, **cfg}), net, ProblemInfo(image_shape, WAYS, 10)).double()
+    net = backbone(input_shape, **(backbone_kw or {}))
+    algo = rn.build(rn.Config(**{"channels": 5, "hidden": 3, **cfg}), net, ProblemInfo(input_shape, WAYS, 10)).double()
     with torch.no_grad():  # non-trivial BatchNorm affine parameters, so their gradients are exercised
         for name, p in algo.named_parameters():
             if "norms" in name:

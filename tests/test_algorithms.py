@@ -33,7 +33,7 @@ SIZE, HIDDEN, LAYERS = 8, 4, 2
 def tiny_maml(**cfg) -> maml_mod.MAML:
     torch.manual_seed(0)
     backbone = conv4.build(conv4.Config(hidden=HIDDEN, layers=LAYERS), (1, SIZE, SIZE))
-    info = ProblemInfo(image_shape=(1, SIZE, SIZE), ways=WAYS, num_train_classes=10)
+    info = ProblemInfo(input_shape=(1, SIZE, SIZE), ways=WAYS, num_train_classes=10)
     algo = maml_mod.build(maml_mod.Config(**cfg), backbone, info).double()
     # non-trivial BatchNorm affine parameters, so their gradients are exercised
     with torch.no_grad():

@@ -26,13 +26,13 @@ from metalearn.models import backbone_module, resnet12
 TINY = [3, 4, 4, 5]
 
 
-def build(image_shape=(3, 32, 32), **kw) -> resnet12.ResNet12:
-    return resnet12.build(resnet12.Config(**kw), image_shape)
+def build(input_shape=(3, 32, 32), **kw) -> resnet12.ResNet12:
+    return resnet12.build(resnet12.Config(**kw), input_shape)
 
 
-def tiny(image_shape=(2, 16, 16), channels=TINY, seed=0, **kw) -> resnet12.ResNet12:
+def tiny(input_shape=(2, 16, 16), channels=TINY, seed=0, **kw) -> resnet12.ResNet12:
     torch.manual_seed(seed)
-    net = build(image_shape, channels=channels, **kw).double()
+    net = build(input_shape, channels=channels, **kw).double()
     # non-trivial BatchNorm affine parameters, so they matter
     with torch.no_grad():
         for name, p in net.named_parameters():
@@ -112,7 +112,7 @@ def test_registered_and_presets_compose():
 
 
 @pytest.mark.parametrize(
-    "image_shape,kw,shape",
+    "input_shape,kw,shape",
     [
         ((3, 84, 84), {}, (640, 5, 5)),  # MetaOptNet's miniImageNet features: 16000
         ((3, 84, 84), {"avg_pool": True}, (640, 1, 1)),
@@ -124,11 +124,11 @@ def test_registered_and_presets_compose():
         ((2, 20, 36), {"channels": [4, 4, 6, 6]}, (6, 1, 2)),  # not square
     ],
 )
-def test_output_shapes(image_shape, kw, shape):
+def test_output_shapes(input_shape, kw, shape):
     torch.manual_seed(0)
-    net = build(image_shape, **kw)
+    net = build(input_shape, **kw)
     assert net.out_shape == shape and net.out_features == math.prod(shape)
-    x = torch.rand(2, 2, *image_shape)
+    x = torch.rand(2, 2, *input_shape)
     assert net(x[0]).shape == (2, net.out_features)
     assert net(x).shape == (2, 2, net.out_features)
 
@@ -152,7 +152,7 @@ def test_parameters_no_buffers_and_init():
 
 
 @pytest.mark.parametrize(
-    "kw,image_shape,match",
+    "kw,input_shape,match",
     [
         ({"channels": [64, 160, 320]}, (3, 84, 84), "backbone.channels"),
         ({"channels": [4, 0, 8, 8]}, (3, 84, 84), "backbone.channels"),
@@ -163,9 +163,9 @@ def test_parameters_no_buffers_and_init():
         ({}, (1, 12, 12), "16px"),
     ],
 )
-def test_build_errors(kw, image_shape, match):
+def test_build_errors(kw, input_shape, match):
     with pytest.raises(ConfigError, match=match) as e:
-        build(image_shape, **kw)
+        build(input_shape, **kw)
     assert "\n" not in str(e.value)
 
 

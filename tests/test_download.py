@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-import http.server
 import io
 import re
 import socket
-import threading
 import zipfile
 from pathlib import Path
 
@@ -36,33 +34,10 @@ def png() -> bytes:
 ARCHIVE = make_zip({"x/a/1.txt": b"one", "x/a/2.txt": b"two" * 1000, "x/b/3.txt": b"three"})
 
 
-class Handler(http.server.BaseHTTPRequestHandler):
-    """Serves ``server.files``; paths under /cut/ promise more bytes than they send, then hang up."""
-
-    def do_GET(self):
-        body = self.server.files.get(self.path.removeprefix("/cut"))
-        if body is None:
-            self.send_error(404)
-            return
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body) * (2 if self.path.startswith("/cut/") else 1)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
-def server():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.files = {"/x.zip": ARCHIVE}
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield httpd, f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join()
+def server(http_server):
+    http_server[0].files["/x.zip"] = ARCHIVE
+    return http_server
 
 
 def closed_port() -> int:

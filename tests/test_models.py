@@ -17,8 +17,8 @@ def fold_tasks(request, monkeypatch):
     monkeypatch.setattr(conv4.Conv4, "fold_tasks", request.param)
 
 
-def build(image_shape=(1, 28, 28), **kw) -> conv4.Conv4:
-    return conv4.build(conv4.Config(**kw), image_shape)
+def build(input_shape=(1, 28, 28), **kw) -> conv4.Conv4:
+    return conv4.build(conv4.Config(**kw), input_shape)
 
 
 def test_registered():
@@ -26,7 +26,7 @@ def test_registered():
 
 
 @pytest.mark.parametrize(
-    "image_shape,kw,features",
+    "input_shape,kw,features",
     [
         ((1, 28, 28), {}, 64),
         ((3, 84, 84), {"hidden": 64}, 1600),
@@ -36,13 +36,13 @@ def test_registered():
         ((1, 30, 30), {"hidden": 8, "layers": 4, "norm": "none"}, 8),
     ],
 )
-def test_output_shapes(image_shape, kw, features):
+def test_output_shapes(input_shape, kw, features):
     torch.manual_seed(0)
-    net = build(image_shape, **kw)
+    net = build(input_shape, **kw)
     assert net.out_features == features
-    x = torch.rand(3, *image_shape)
+    x = torch.rand(3, *input_shape)
     assert net(x).shape == (3, features)
-    assert net(torch.rand(2, 3, *image_shape)).shape == (2, 3, features)
+    assert net(torch.rand(2, 3, *input_shape)).shape == (2, 3, features)
 
 
 def test_no_buffers_and_parameters():

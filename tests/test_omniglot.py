@@ -72,7 +72,7 @@ def test_small_subsets_class_counts_and_images(small):
         # Greek and Latin are taken once (from the first subset), not from both.
         assert store.num_classes == 4 * sum(SMALL_CHARS[a] for a in alphabets)
         assert store.counts.eq(20).all()
-        assert store.images.dtype == torch.uint8 and store.image_shape == (1, 28, 28)
+        assert store.images.dtype == torch.uint8 and store.input_shape == (1, 28, 28)
         assert {name.split("/")[0] for name in store.class_names} == set(alphabets)
     assert stores["train"].class_names[:4] == [f"Balinese/character01/rot{r}" for r in (0, 90, 180, 270)]
 
@@ -210,7 +210,7 @@ def test_alphabets_split_on_fake_archives(tmp_path):
     # A comes from the first archive listing it: 3 characters of 2 drawings, not 5 of 3.
     assert stores["train"].num_classes == 12 and stores["train"].counts.eq(2).all()
     assert stores["test"].num_classes == 4 and stores["test"].counts.eq(3).all()
-    assert stores["val"].image_shape == (1, 14, 14)
+    assert stores["val"].input_shape == (1, 14, 14)
 
 
 def test_reextracted_archive_rebuilds_the_cache(tmp_path):

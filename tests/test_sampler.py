@@ -62,7 +62,7 @@ def batches_equal(a: TaskBatch, b: TaskBatch) -> bool:
 def test_store_groups_images_by_class():
     store, labels = identity_store()
     assert store.num_classes == len(COUNTS) and len(store) == sum(COUNTS)
-    assert store.image_shape == IMAGE and store.max_count == max(COUNTS)
+    assert store.input_shape == IMAGE and store.max_count == max(COUNTS)
     assert store.counts.tolist() == COUNTS
     for c, n in enumerate(COUNTS):
         block = store.images[store.offsets[c] : store.offsets[c] + n]
@@ -294,12 +294,12 @@ def test_glyphs_sizes(glyph_stores):
         s = glyph_stores[split]
         assert s.num_classes == n and len(s) == n * cfg.samples_per_class
         assert s.counts.tolist() == [cfg.samples_per_class] * n
-        assert s.image_shape == (1, cfg.image_size, cfg.image_size)
+        assert s.input_shape == (1, cfg.image_size, cfg.image_size)
         assert s.images.dtype == torch.uint8
         names += s.class_names
     assert len(set(names)) == len(names)  # class names unique across splits
     other = glyphs.load(small_glyphs(image_size=20, samples_per_class=3))
-    assert other["train"].image_shape == (1, 20, 20) and len(other["val"]) == 5 * 3
+    assert other["train"].input_shape == (1, 20, 20) and len(other["val"]) == 5 * 3
 
 
 def test_glyphs_deterministic(glyph_stores):

@@ -38,7 +38,7 @@ from metalearn.data.episodes import TaskBatch
 class ProblemInfo:
     """What an algorithm may know about the problem when it is built."""
 
-    image_shape: tuple[int, int, int]
+    input_shape: tuple[int, int, int]
     ways: int  # ways of the training episodes
     num_train_classes: int  # classes of the training split (for global-label pre-training)
 

@@ -11,6 +11,15 @@ from metalearn.data.episodes import ClassStore, EpisodeSampler, TaskBatch
 DATASETS = {
     "glyphs": "metalearn.data.glyphs",
     "omniglot": "metalearn.data.omniglot",
+    "sinusoid": "metalearn.data.sinusoid",
+    "miniimagenet": "metalearn.data.miniimagenet",
+    "tieredimagenet": "metalearn.data.tieredimagenet",
+    "cifarfs": "metalearn.data.cifarfs",
+    "fc100": "metalearn.data.fc100",
+    "cub": "metalearn.data.cub",
+    "mnist": "metalearn.data.mnist",
+    "doublemnist": "metalearn.data.doublemnist",
+    "imagefolder": "metalearn.data.imagefolder",
 }
 
 SPLITS = ("train", "val", "test")

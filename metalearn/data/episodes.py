@@ -9,10 +9,15 @@ workers, nothing that syncs with the host.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Callable
 
 import torch
 
 from metalearn.errors import DataError
+
+
+#: uint8 images [..., C, H, W] and the sampler's generator -> float images [..., C, H, W]
+Transform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
 @dataclass
@@ -55,30 +60,46 @@ class TaskBatch:
 
 
 class ClassStore:
-    """The images of one split, grouped by class.
+    """The images of one split, grouped by class: the task source of classification datasets.
 
     images[offsets[c] : offsets[c] + counts[c]] are the images of class c.
+    ``mean``/``std`` are the dataset's per-channel statistics on the [0, 1] scale, used
+    when the run normalises its inputs (``data.normalize``). Images already sorted by
+    class are kept as given, not copied, so a memory-mapped array stays on disk and
+    only the images an episode draws are read.
+
+    Every task source (this, or a regression task generator such as ``sinusoid``) has
+    ``task``, ``input_shape``, ``num_classes``, ``check_episode``, ``sampler`` and ``to``.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, class_names: list[str]):
+    task = "classification"
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, class_names: list[str],
+                 mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None):
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError("images must be a uint8 tensor [N, C, H, W]")
         labels = torch.as_tensor(labels, dtype=torch.long)
         if len(labels) != len(images) or (len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < len(class_names)):
             raise ValueError("labels must give each image a class index in [0, len(class_names))")
-        order = torch.argsort(labels, stable=True)
-        self.images = images[order].contiguous()
+        if len(labels) > 1 and not bool((labels[1:] >= labels[:-1]).all()):
+            images = images[torch.argsort(labels, stable=True)].contiguous()
+            labels = labels.sort(stable=True).values
+        self.images = images
         self.counts = torch.bincount(labels, minlength=len(class_names))
         self.offsets = torch.cumsum(self.counts, 0) - self.counts
         self.class_names = list(class_names)
         self.max_count = int(self.counts.max()) if len(self.counts) else 0
+        self.mean, self.std = mean, std
+        # The input transforms of training and evaluation episodes; the run sets them from data.normalize/augment.
+        self.train_transform: Transform | None = None
+        self.eval_transform: Transform | None = None
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
     @property
-    def image_shape(self) -> tuple[int, int, int]:
+    def input_shape(self) -> tuple[int, int, int]:
         return tuple(self.images.shape[1:])
 
     @property
@@ -93,6 +114,12 @@ class ClassStore:
         self.counts = self.counts.to(device)
         self.offsets = self.offsets.to(device)
         return self
+
+    def sampler(self, ways: int, shots: int, queries: int, batch_size: int, seed: int,
+                training: bool = False) -> "EpisodeSampler":
+        """Episodes of this split, with the training (augmenting) or the evaluation input transform."""
+        transform = self.train_transform if training else self.eval_transform
+        return EpisodeSampler(self, ways, shots, queries, batch_size, seed, transform)
 
     def check_episode(self, split: str, ways: int, shots: int, queries: int) -> None:
         """Raise a DataError naming the problem if this split cannot give such episodes."""
@@ -123,11 +150,15 @@ class EpisodeSampler:
     """Draws batches of N-way K-shot tasks from a ClassStore, reproducibly from a seed.
 
     The sampler's state is its torch.Generator, saved in checkpoints so a
-    resumed run draws the same episodes as an uninterrupted one.
+    resumed run draws the same episodes (and augmentations) as an uninterrupted one.
+    ``transform(uint8 images, generator) -> float images`` makes the backbone's input
+    (default: scale to [0, 1]); see ``data.transforms.EpisodeTransform``.
     """
 
-    def __init__(self, store: ClassStore, ways: int, shots: int, queries: int, batch_size: int, seed: int):
+    def __init__(self, store: ClassStore, ways: int, shots: int, queries: int, batch_size: int, seed: int,
+                 transform: Transform | None = None):
         self.store, self.ways, self.shots, self.queries, self.batch_size = store, ways, shots, queries, batch_size
+        self.transform = transform
         self.generator = torch.Generator(device=store.device)
         self.generator.manual_seed(seed)
         self._labels = torch.arange(ways, device=store.device)
@@ -160,7 +191,9 @@ class EpisodeSampler:
         qp = torch.rand(B, N * Q, generator=g, device=dev).argsort(dim=1)
         sx, sy = _gather_rows(sx, sp), sy.gather(1, sp)
         qx, qy = _gather_rows(qx, qp), qy.gather(1, qp)
-        return TaskBatch(_to_float(sx), sy, _to_float(qx), qy, classes)
+        if self.transform is None:
+            return TaskBatch(_to_float(sx), sy, _to_float(qx), qy, classes)
+        return TaskBatch(self.transform(sx, g), sy, self.transform(qx, g), qy, classes)
 
 
 def _gather_rows(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:

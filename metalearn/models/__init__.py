@@ -1,5 +1,5 @@
 """Backbones. Each is one module with a ``Config`` dataclass and
-``build(cfg, image_shape) -> nn.Module`` whose ``out_features`` is the size of
+``build(cfg, input_shape) -> nn.Module`` whose ``out_features`` is the size of
 the (flat) embedding it returns and ``out_shape`` the (C, H, W) feature map
 that embedding flattens; add a line here to register one. ``models.tasks`` holds
 what they share: per-task BatchNorm and the task-batch forward (``TaskwiseBackbone``)."""

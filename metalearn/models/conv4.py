@@ -62,7 +62,7 @@ class Conv4(TaskwiseBackbone):
         return x.flatten(1)
 
 
-def build(cfg: Config, image_shape: tuple[int, int, int]) -> Conv4:
+def build(cfg: Config, input_shape: tuple[int, int, int]) -> Conv4:
     if cfg.norm not in ("batch", "none"):
         raise ConfigError(f"backbone.norm={cfg.norm!r} is not one of: batch, none")
     if cfg.hidden < 1 or cfg.layers < 1:
@@ -71,7 +71,7 @@ def build(cfg: Config, image_shape: tuple[int, int, int]) -> Conv4:
     if not 0 <= pools <= cfg.layers:
         raise ConfigError(f"backbone.pool_layers={cfg.pool_layers} must be between 0 and backbone.layers={cfg.layers} "
                           "(or null: every block pools)")
-    c, h, w = image_shape
+    c, h, w = input_shape
     if min(h, w) < 2**pools:
         fix = "lower backbone.pool_layers" if cfg.pool_layers is not None else "lower backbone.layers or set backbone.pool_layers"
         raise ConfigError(f"{pools} pooling layers need images of at least {2**pools}px (got {h}x{w}); {fix}")

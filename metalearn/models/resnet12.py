@@ -138,7 +138,7 @@ class ResNet12(TaskwiseBackbone):
         return x.flatten(1)
 
 
-def build(cfg: Config, image_shape: tuple[int, int, int]) -> ResNet12:
+def build(cfg: Config, input_shape: tuple[int, int, int]) -> ResNet12:
     channels = list(cfg.channels)
     if len(channels) != 4 or min(channels) < 1:
         raise ConfigError(f"backbone.channels must be 4 positive widths, one per residual block (got {channels})")
@@ -148,7 +148,7 @@ def build(cfg: Config, image_shape: tuple[int, int, int]) -> ResNet12:
         raise ConfigError(f"backbone.dropout must be in [0, 1) (got {cfg.dropout})")
     if cfg.block_size < 1:
         raise ConfigError(f"backbone.block_size must be >= 1 (got {cfg.block_size})")
-    c, h, w = image_shape
+    c, h, w = input_shape
     if min(h, w) < 16:
         raise ConfigError(f"resnet12's 4 max-pools need images of at least 16px (got {h}x{w}); use a larger data.image_size or backbone=conv4")
     net = ResNet12(c, channels, cfg.avg_pool, cfg.drop_block, cfg.drop_rate, cfg.block_size, cfg.dropout)

@@ -1,0 +1,79 @@
+"""What the image datasets share: their common options, their folder under the data
+root, and the cache of decoded images that later loads read instead of the raw files."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from metalearn.data.transforms import AugmentConfig, EpisodeTransform, check_augment
+from metalearn.errors import ConfigError
+from metalearn.fileio import atomic_torch_save
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ImageConfig:
+    """Options every image dataset has; a dataset's ``Config`` subclasses this and sets ``name``."""
+
+    name: str = ""
+    # Data root shared by all datasets; each keeps its files in <root>/<dataset>/.
+    root: str = "~/.cache/metalearn"
+    download: bool = True  # fetch missing official archives (checksum checked), where a download exists
+    image_size: int = 84
+    normalize: bool = True  # subtract the dataset's per-channel mean, divide by its std
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+def dataset_dir(cfg: ImageConfig, folder: str | None = None) -> Path:
+    """``<root>/<folder or cfg.name>``, with ``~`` expanded."""
+    return Path(cfg.root).expanduser() / (folder or cfg.name)
+
+
+def check_image_config(cfg: ImageConfig) -> None:
+    if cfg.image_size < 1:
+        raise ConfigError(f"data.image_size must be >= 1 (got {cfg.image_size})")
+    check_augment(cfg.augment)
+
+
+def episode_transforms(cfg: Any, train_store: Any) -> tuple[Callable | None, Callable | None]:
+    """The (training, evaluation) input transforms of a run's data config; None means scale to [0, 1]."""
+    normalize = bool(getattr(cfg, "normalize", False)) and getattr(train_store, "mean", None) is not None
+    augment = getattr(cfg, "augment", None)
+    mean, std = (train_store.mean, train_store.std) if normalize else (None, None)
+    train = EpisodeTransform(mean, std, augment) if normalize or (augment is not None and augment.enabled) else None
+    evaluation = EpisodeTransform(mean, std) if normalize else None
+    return train, evaluation
+
+
+def cached(path: Path, meta: dict, build: Callable[[], dict], what: str) -> dict:
+    """The dict saved at ``path`` if its ``meta`` entries match, else ``build()`` (saved atomically, with ``meta``).
+
+    ``meta`` records what the cache was built from (source files' sizes and times, image size,
+    a version): when any changes, the cache is rebuilt instead of silently reused.
+    """
+    try:
+        data = torch.load(path, weights_only=True, mmap=True)
+        if all(data.get(k) == v for k, v in meta.items()):
+            return data
+    except FileNotFoundError:
+        pass
+    except Exception as e:  # an unreadable cache is only a cache: rebuild it
+        log.warning("%s cache %s is unreadable (%s); rebuilding it", what, path, e)
+    log.info("building the %s cache %s (once)", what, path)
+    data = {**meta, **build()}
+    try:
+        atomic_torch_save(data, path)
+    except OSError as e:
+        log.warning("cannot write the %s cache %s (%s); the next load will build it again", what, path, e)
+    return data
+
+
+def file_signature(*paths: Path) -> list[list]:
+    """Name, size and mtime of each file: enough to notice a replaced source file."""
+    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
