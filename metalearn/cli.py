@@ -27,6 +27,7 @@ OmegaConf.register_new_resolver("metalearn_output_subdir", lambda resume: None i
 COMMANDS = {
     "train": "meta-train a few-shot learner: TensorBoard logs, checkpoints, test accuracy +- 95% CI",
     "eval": "evaluate a trained run on test episodes: accuracy +- 95% CI",
+    "data": "'data info data=<name>': what is on disk; 'data prepare data=<name>': download and cache it",
 }
 
 USAGE = f"""usage: metalearn <command> [key=value ...] [hydra flags]
@@ -39,6 +40,7 @@ examples:
   metalearn train -m algo=maml,protonet shots=1,5 data=glyphs steps=200
   metalearn train resume=outputs/<date>/<time>
   metalearn eval run=outputs/<date>/<time> shots=5
+  metalearn data prepare data=cifarfs data.root=/data
 
 'metalearn <command> --help' lists that command's config groups and options;
 'metalearn train --cfg job' prints the composed config.
@@ -139,6 +141,65 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
         atomic_write_json(out, results)
         print(f"results: {out}")
     return results
+
+
+# ---------------------------------------------------------------- data
+
+
+def data_command(args: list[str]) -> int:
+    """``metalearn data info|prepare data=<name> [data.key=value ...]`` (no run directory, no Hydra app)."""
+    import dataclasses
+
+    from hydra import compose, initialize_config_module
+
+    from metalearn.config import to_run_config
+    from metalearn.data import dataset_module
+    from metalearn.errors import MetalearnError
+
+    if not args or args[0] not in ("info", "prepare"):
+        fail("usage: metalearn data info|prepare data=<name> [data.<key>=<value> ...]")
+    action, overrides = args[0], args[1:]
+    _precheck("train", overrides)
+    with initialize_config_module(config_module="metalearn.conf", version_base="1.3"):
+        cfg = to_run_config(compose("config", overrides=overrides)).data
+    module = dataset_module(cfg.name)
+    sources = module.sources(cfg) if hasattr(module, "sources") else []
+    print(f"dataset {cfg.name}")
+    for path in sources:
+        print(f"  {_describe_path(path)}")
+    if not sources:
+        print("  (no files: generated on the fly)")
+    if action == "info" and hasattr(cfg, "download"):
+        cfg = dataclasses.replace(cfg, download=False)  # info only looks
+    try:
+        stores = module.load(cfg)
+    except MetalearnError as e:
+        print(f"not ready: {e}")
+        if action == "info" and getattr(module.Config, "download", False):
+            print("('metalearn data prepare' with the same arguments downloads what can be downloaded)")
+        return 1
+    for split, store in stores.items():
+        if store.task == "regression":
+            print(f"  {split}: {store.task} tasks drawn on the fly, inputs of shape {tuple(store.input_shape)}")
+        else:
+            print(f"  {split}: {store.num_classes} classes, {len(store)} images of {'x'.join(map(str, store.input_shape))}")
+    cache = module.cache_dir(cfg) if hasattr(module, "cache_dir") else None
+    if cache is None and hasattr(cfg, "root"):
+        cache = Path(cfg.root).expanduser() / cfg.name / "cache"  # the convention of common.cached
+    if cache is not None:
+        files = sorted(p for p in Path(cache).glob("*") if p.is_file() and not p.name.startswith("."))
+        print(f"cache {cache}: " + (", ".join(f"{p.name} ({p.stat().st_size / 1e6:.1f} MB)" for p in files) or "empty"))
+    print("ready")
+    return 0
+
+
+def _describe_path(path: Path) -> str:
+    path = Path(path)
+    if path.is_file():
+        return f"{path}  ({path.stat().st_size / 1e6:.1f} MB)"
+    if path.is_dir():
+        return f"{path}/  (folder, {sum(1 for p in path.rglob('*') if p.is_file())} files)"
+    return f"{path}  (missing)"
 
 
 APPS = {"train": train_app, "eval": eval_app}
@@ -278,6 +339,13 @@ def main(argv: list[str] | None = None) -> int:
     if args[0] in ("-sc", "--shell-completion"):
         return _complete(args)
     command, rest = args[0], args[1:]
+    if command == "data":
+        from metalearn.errors import MetalearnError
+
+        try:
+            return data_command(rest)
+        except MetalearnError as e:
+            fail(e, e.exit_code)
     if command not in APPS:
         fail(f"unknown command {command!r}; choose one of: {', '.join(COMMANDS)} (see metalearn --help)")
     _precheck(command, rest)

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from metalearn import __version__, checkpoint
-from metalearn.algorithms import Algorithm, ProblemInfo, algorithm_module
+from metalearn.algorithms import ALGORITHMS, Algorithm, ProblemInfo, algorithm_module
 from metalearn.config import RunConfig, flat, to_dict
 from metalearn.data import ClassStore, TaskBatch, dataset_module
 from metalearn.data.common import episode_transforms
@@ -83,11 +83,24 @@ def load_data(cfg: RunConfig, device: torch.device) -> dict[str, ClassStore]:
 
 def build_algorithm(cfg: RunConfig, train_store: ClassStore) -> Algorithm:
     backbone = backbone_module(cfg.backbone.name).build(cfg.backbone, train_store.input_shape)
-    info = ProblemInfo(input_shape=train_store.input_shape, ways=cfg.ways, num_train_classes=train_store.num_classes)
+    info = ProblemInfo(input_shape=train_store.input_shape, ways=cfg.ways, num_train_classes=train_store.num_classes,
+                       task=train_store.task, output_size=getattr(train_store, "output_size", None))
     algo = algorithm_module(cfg.algo.name).build(cfg.algo, backbone, info)
+    if info.task not in algo.tasks:
+        able = [name for name in ALGORITHMS if info.task in _algorithm_tasks(name)]
+        raise ConfigError(f"algo={cfg.algo.name} learns {' and '.join(algo.tasks)} tasks only, and data={cfg.data.name} "
+                          f"is {info.task}; use one of: {', '.join(able)}")
     algo.check_episode(cfg.ways, cfg.shots, cfg.queries)
     algo.check_episode(cfg.eval.ways, cfg.eval.shots, cfg.eval.queries)
     return algo
+
+
+def _algorithm_tasks(name: str) -> tuple[str, ...]:
+    """The task kinds of a registered algorithm (its Algorithm subclass's ``tasks``)."""
+    module = algorithm_module(name)
+    classes = [v for v in vars(module).values()
+               if isinstance(v, type) and issubclass(v, Algorithm) and v.__module__ == module.__name__]
+    return classes[0].tasks if classes else ("classification",)
 
 
 def build_optimizer(cfg: RunConfig, params) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
@@ -148,7 +161,7 @@ def score_checkpoint(algo: Algorithm, path: Path, cfg: RunConfig, test_store: Cl
     metrics = evaluate(algo, test_store, e.ways, e.shots, e.queries, cfg.trainer.test_episodes, e.batch_size, seed,
                        device, between_batches=between_batches)
     return {"test": metrics, "checkpoint": str(path), "checkpoint_step": ckpt["step"],
-            "episode": {"ways": e.ways, "shots": e.shots, "queries": e.queries}, "seed": seed}
+            "episode": {"ways": e.ways, "shots": e.shots, "queries": e.queries, "task": test_store.task}, "seed": seed}
 
 
 @contextlib.contextmanager
@@ -312,8 +325,10 @@ class Trainer:
         if self.step == 0:
             tb.hparams({k: v for k, v in flat(to_dict(cfg)).items()
                         if not k.startswith(("trainer.", "device.", "data.root", "resume"))})
-        log.info("%s on %s (%s, %d-way %d-shot, %d parameters) on %s -> %s", cfg.algo.name, cfg.data.name,
-                 cfg.backbone.name, cfg.ways, cfg.shots, sum(p.numel() for p in params), self.device, self.run_dir)
+        episodes = (f"{cfg.ways}-way {cfg.shots}-shot" if self.stores["train"].task == "classification"
+                    else f"regression, {cfg.shots}-shot")
+        log.info("%s on %s (%s, %s, %d parameters) on %s -> %s", cfg.algo.name, cfg.data.name,
+                 cfg.backbone.name, episodes, sum(p.numel() for p in params), self.device, self.run_dir)
         window = _Window(self.step)
         bar = tqdm(total=cfg.steps, initial=self.step, desc="meta-train", unit="step", dynamic_ncols=True,
                    disable=None if t.progress else True, leave=False)
@@ -403,6 +418,8 @@ def format_result(name: str, m: dict[str, float], percent: bool) -> str:
 
 def print_results(results: dict) -> None:
     ep = results["episode"]
-    print(f"test {ep['ways']}-way {ep['shots']}-shot ({ep['queries']} queries per class), checkpoint step {results['checkpoint_step']}:")
+    shape = (f"regression {ep['shots']}-shot ({ep['queries']} query points)" if ep.get("task") == "regression"
+             else f"{ep['ways']}-way {ep['shots']}-shot ({ep['queries']} queries per class)")
+    print(f"test {shape}, checkpoint step {results['checkpoint_step']}:")
     for k, m in results["test"].items():
         print("  " + format_result(k, m, percent=k == "accuracy"))

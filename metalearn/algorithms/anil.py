@@ -42,6 +42,8 @@ class Config:
 class ANIL(MAML):
     """MAML's network (same parameter names, so checkpoints and references line up); only the head adapts."""
 
+    tasks = ("classification",)  # its own loops score with cross-entropy
+
     def _query_logits(self, support: torch.Tensor, query: torch.Tensor, support_y: torch.Tensor, head: dict,
                       steps: int, create_graph: bool) -> torch.Tensor:
         """Embeddings [T, n, F] -> query logits [T, n_q, ways] after adapting ``head`` on each task's support."""

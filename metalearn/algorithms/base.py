@@ -38,9 +38,43 @@ from metalearn.data.episodes import TaskBatch
 class ProblemInfo:
     """What an algorithm may know about the problem when it is built."""
 
-    input_shape: tuple[int, int, int]
+    input_shape: tuple[int, ...]  # (C, H, W) of images, (d,) of vectors
     ways: int  # ways of the training episodes
-    num_train_classes: int  # classes of the training split (for global-label pre-training)
+    num_train_classes: int  # classes of the training split (for global-label pre-training; 0 for regression)
+    task: str = "classification"  # classification | regression
+    output_size: int | None = None  # regression: the size of a target; classification: ways
+
+    @property
+    def outputs(self) -> int:
+        """Size of the model's output: one logit per way, or the regression target's size."""
+        return self.ways if self.task == "classification" else int(self.output_size or 1)
+
+
+class Objective:
+    """The loss and the metrics of a task kind, so one algorithm serves both kinds.
+
+    classification: cross-entropy; metrics ``loss`` and ``accuracy`` (higher is better).
+    regression: mean squared error; metric ``mse`` (lower is better), named for what it is.
+    """
+
+    def __init__(self, task: str):
+        if task not in ("classification", "regression"):
+            raise ValueError(f"unknown task kind {task!r}")
+        self.task = task
+        self.primary_metric = "accuracy" if task == "classification" else "mse"
+        self.higher_is_better = task == "classification"
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean loss over the examples of one task: [n, C] outputs, [n] labels or [n, d] targets."""
+        if self.task == "classification":
+            return F.cross_entropy(outputs, targets)
+        return F.mse_loss(outputs, targets)
+
+    def metrics(self, outputs: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The metrics of one task given its loss (detached)."""
+        if self.task == "classification":
+            return {"loss": loss.detach(), "accuracy": accuracy(outputs.detach(), targets)}
+        return {"mse": loss.detach()}
 
 
 class Algorithm(nn.Module):
@@ -49,6 +83,8 @@ class Algorithm(nn.Module):
     #: the metric that selects the best checkpoint, and whether higher is better
     primary_metric: str = "accuracy"
     higher_is_better: bool = True
+    #: the task kinds (``ProblemInfo.task``) this algorithm can learn; the engine refuses others
+    tasks: tuple[str, ...] = ("classification",)
 
     def begin_step(self, step: int, total_steps: int) -> None:
         """Called before each ``meta_step`` with the number of meta-steps done so far (0-based).

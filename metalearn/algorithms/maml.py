@@ -19,11 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from metalearn.algorithms.base import Algorithm, ProblemInfo, accuracy
+from metalearn.algorithms.base import Algorithm, Objective, ProblemInfo
 from metalearn.data.episodes import TaskBatch
 from metalearn.errors import ConfigError
 
@@ -37,47 +36,67 @@ class Config:
     first_order: bool = False  # FOMAML: ignore second derivatives
 
 
+CLASSIFICATION = Objective("classification")
+
+
 def adapt(net: nn.Module, params: dict, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float | dict,
-          create_graph: bool) -> dict:
+          create_graph: bool, objective: Objective = CLASSIFICATION) -> dict:
     """``steps`` SGD steps on (x, y) from ``params``; differentiable w.r.t. params if create_graph.
 
     ``lr`` is one number, or a dict of tensors shaped like the parameters (Meta-SGD's learned
     rates; the result is differentiable w.r.t. them whatever create_graph says).
     """
     for _ in range(steps):
-        loss = F.cross_entropy(functional_call(net, params, (x,)), y)
+        loss = objective.loss(functional_call(net, params, (x,)), y)
         grads = torch.autograd.grad(loss, tuple(params.values()), create_graph=create_graph)
         params = {name: p - (lr[name] if isinstance(lr, dict) else lr) * g for (name, p), g in zip(params.items(), grads)}
     return params
 
 
-def finetune_and_score(net: nn.Module, batch: TaskBatch, steps: int, lr: float | dict) -> dict[str, torch.Tensor]:
+def finetune_and_score(net: nn.Module, batch: TaskBatch, steps: int, lr: float | dict,
+                       objective: Objective = CLASSIFICATION) -> dict[str, torch.Tensor]:
     """Fine-tune ``net``'s weights on each task's support set, then score its query set.
 
-    Evaluation only: nothing flows back to the meta-parameters, and they are left unchanged.
+    Regression also reports ``mse_step<k>``, the query MSE after k = 0..steps inner steps
+    (the MAML paper's regression curves). Evaluation only: nothing flows back to the
+    meta-parameters, and they are left unchanged.
     """
     params = {k: p.detach().requires_grad_() for k, p in net.named_parameters()}
-    losses, accs = [], []
+    per_task: dict[str, list[torch.Tensor]] = {}
+    curve = objective.task == "regression"
     for t in range(batch.num_tasks):
-        with torch.enable_grad():
-            adapted = adapt(net, params, batch.support_x[t], batch.support_y[t], steps, lr, create_graph=False)
-        with torch.no_grad():
-            logits = functional_call(net, adapted, (batch.query_x[t],))
-            losses.append(F.cross_entropy(logits, batch.query_y[t]))
-            accs.append(accuracy(logits, batch.query_y[t]))
-    return {"loss": torch.stack(losses), "accuracy": torch.stack(accs)}
+        x, y, qx, qy = batch.support_x[t], batch.support_y[t], batch.query_x[t], batch.query_y[t]
+        adapted = params
+        for step in range(steps + 1):
+            if curve or step == steps:
+                with torch.no_grad():
+                    out = functional_call(net, adapted, (qx,))
+                    loss = objective.loss(out, qy)
+                if curve:
+                    per_task.setdefault(f"mse_step{step}", []).append(loss)
+            if step < steps:
+                with torch.enable_grad():
+                    adapted = adapt(net, adapted, x, y, 1, lr, create_graph=False, objective=objective)
+                adapted = {k: v.detach().requires_grad_() for k, v in adapted.items()}
+        for k, v in objective.metrics(out, qy, loss).items():
+            per_task.setdefault(k, []).append(v)
+    return {k: torch.stack(v) for k, v in per_task.items()}
 
 
 class MAML(Algorithm):
+    tasks = ("classification", "regression")
+
     def __init__(self, cfg: Config, backbone: nn.Module, info: ProblemInfo):
         super().__init__()
         if cfg.inner_steps < 0 or cfg.test_inner_steps < 0:
             raise ConfigError("algo.inner_steps and algo.test_inner_steps must be >= 0")
         self.cfg, self.ways = cfg, info.ways
-        self.net = nn.Sequential(backbone, nn.Linear(backbone.out_features, info.ways))
+        self.objective = Objective(info.task)
+        self.primary_metric, self.higher_is_better = self.objective.primary_metric, self.objective.higher_is_better
+        self.net = nn.Sequential(backbone, nn.Linear(backbone.out_features, info.outputs))
 
     def check_episode(self, ways: int, shots: int, queries: int) -> None:
-        if ways != self.ways:
+        if self.objective.task == "classification" and ways != self.ways:
             raise ConfigError(f"{self.cfg.name}'s classifier has {self.ways} outputs (trained {self.ways}-way); "
                               f"it cannot run {ways}-way episodes")
 
@@ -87,20 +106,20 @@ class MAML(Algorithm):
 
     def meta_step(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
         params, lr = dict(self.net.named_parameters()), self.inner_lr()
-        losses, accs = [], []
+        per_task: dict[str, list[torch.Tensor]] = {}
         for t in range(batch.num_tasks):
             adapted = adapt(self.net, params, batch.support_x[t], batch.support_y[t],
-                            self.cfg.inner_steps, lr, create_graph=not self.cfg.first_order)
-            logits = functional_call(self.net, adapted, (batch.query_x[t],))
-            loss = F.cross_entropy(logits, batch.query_y[t])
+                            self.cfg.inner_steps, lr, create_graph=not self.cfg.first_order, objective=self.objective)
+            outputs = functional_call(self.net, adapted, (batch.query_x[t],))
+            loss = self.objective.loss(outputs, batch.query_y[t])
             # Backward per task: the mean's gradient accumulates in .grad and each graph is freed at once.
             (loss / batch.num_tasks).backward()
-            losses.append(loss.detach())
-            accs.append(accuracy(logits.detach(), batch.query_y[t]))
-        return {"loss": torch.stack(losses), "accuracy": torch.stack(accs)}
+            for k, v in self.objective.metrics(outputs, batch.query_y[t], loss).items():
+                per_task.setdefault(k, []).append(v)
+        return {k: torch.stack(v) for k, v in per_task.items()}
 
     def evaluate(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
-        return finetune_and_score(self.net, batch, self.cfg.test_inner_steps, self.inner_lr(detach=True))
+        return finetune_and_score(self.net, batch, self.cfg.test_inner_steps, self.inner_lr(detach=True), self.objective)
 
 
 def build(cfg: Config, backbone: nn.Module, info: ProblemInfo) -> MAML:

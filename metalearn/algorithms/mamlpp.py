@@ -116,6 +116,8 @@ def _key(name: str) -> str:
 class MAMLpp(MAML):
     """MAML's network and checks; its own inner loop with per-step rates, norms and losses."""
 
+    tasks = ("classification",)  # its own loops score with cross-entropy
+
     def __init__(self, cfg: Config, backbone: nn.Module, info: ProblemInfo):
         super().__init__(cfg, backbone, info)
         if cfg.inner_steps < 1:

@@ -39,11 +39,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from metalearn.algorithms.base import Algorithm, ProblemInfo, accuracy
+from metalearn.algorithms.base import Algorithm, Objective, ProblemInfo
 from metalearn.algorithms.maml import adapt, finetune_and_score
 from metalearn.data.episodes import TaskBatch
 from metalearn.errors import ConfigError
@@ -67,6 +66,8 @@ def minibatches(n: int, size: int, steps: int, device: torch.device) -> list[tor
 
 
 class Reptile(Algorithm):
+    tasks = ("classification", "regression")  # the paper's sinusoid experiment too
+
     def __init__(self, cfg: Config, backbone: nn.Module, info: ProblemInfo):
         super().__init__()
         if cfg.inner_steps < 0 or cfg.test_inner_steps < 0:
@@ -74,17 +75,20 @@ class Reptile(Algorithm):
         if cfg.inner_batch_size is not None and cfg.inner_batch_size < 1:
             raise ConfigError(f"algo.inner_batch_size must be >= 1 or null (got {cfg.inner_batch_size})")
         self.cfg, self.ways = cfg, info.ways
-        self.net = nn.Sequential(backbone, nn.Linear(backbone.out_features, info.ways))
+        self.objective = Objective(info.task)
+        self.primary_metric, self.higher_is_better = self.objective.primary_metric, self.objective.higher_is_better
+        self.net = nn.Sequential(backbone, nn.Linear(backbone.out_features, info.outputs))
 
     def check_episode(self, ways: int, shots: int, queries: int) -> None:
-        if ways != self.ways:
+        if self.objective.task == "classification" and ways != self.ways:
             raise ConfigError(f"reptile's classifier has {self.ways} outputs (trained {self.ways}-way); it cannot run {ways}-way episodes")
 
     def train_task(self, params: dict, x: torch.Tensor, y: torch.Tensor) -> dict:
         """The inner loop: ``inner_steps`` SGD steps on minibatches of (x, y); returns detached weights."""
         size = self.cfg.inner_batch_size or len(y)
         for idx in minibatches(len(y), size, self.cfg.inner_steps, y.device):
-            params = adapt(self.net, params, x[idx], y[idx], 1, self.cfg.inner_lr, create_graph=False)
+            params = adapt(self.net, params, x[idx], y[idx], 1, self.cfg.inner_lr, create_graph=False,
+                           objective=self.objective)
             # No graph is needed across steps: Reptile never differentiates through the inner loop.
             params = {k: p.detach().requires_grad_() for k, p in params.items()}
         return {k: p.detach() for k, p in params.items()}
@@ -92,7 +96,7 @@ class Reptile(Algorithm):
     def meta_step(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
         theta = {k: p.detach() for k, p in self.net.named_parameters()}
         mean = {k: torch.zeros_like(p) for k, p in theta.items()}
-        losses, accs = [], []
+        per_task: dict[str, list[torch.Tensor]] = {}
         for t in range(batch.num_tasks):
             x = torch.cat([batch.support_x[t], batch.query_x[t]])
             y = torch.cat([batch.support_y[t], batch.query_y[t]])
@@ -101,18 +105,19 @@ class Reptile(Algorithm):
             with torch.no_grad():
                 for k, p in adapted.items():
                     mean[k] += p / batch.num_tasks
-                logits = functional_call(self.net, adapted, (batch.query_x[t],))
-                losses.append(F.cross_entropy(logits, batch.query_y[t]))
-                accs.append(accuracy(logits, batch.query_y[t]))
+                outputs = functional_call(self.net, adapted, (batch.query_x[t],))
+                loss = self.objective.loss(outputs, batch.query_y[t])
+                for k, v in self.objective.metrics(outputs, batch.query_y[t], loss).items():
+                    per_task.setdefault(k, []).append(v)
         # The outer "gradient" is the difference to the mean adapted weights; it accumulates like a real one.
         with torch.no_grad():
             for k, p in self.net.named_parameters():
                 delta = theta[k] - mean[k]
                 p.grad = delta if p.grad is None else p.grad + delta
-        return {"loss": torch.stack(losses), "accuracy": torch.stack(accs)}
+        return {k: torch.stack(v) for k, v in per_task.items()}
 
     def evaluate(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
-        return finetune_and_score(self.net, batch, self.cfg.test_inner_steps, self.cfg.inner_lr)
+        return finetune_and_score(self.net, batch, self.cfg.test_inner_steps, self.cfg.inner_lr, self.objective)
 
 
 def build(cfg: Config, backbone: nn.Module, info: ProblemInfo) -> Reptile:

@@ -51,6 +51,10 @@ def load(cfg: Config) -> dict[str, ClassStore]:
     return stores
 
 
+def sources(cfg: Config) -> list:
+    return []  # drawn from the seed in about a second: nothing on disk
+
+
 def _class_shapes(n: int, max_strokes: int, points: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Control points [n, S, P, 2] in [-0.7, 0.7]^2 and a stroke mask [n, S]."""
     # Strokes are random walks with momentum, so they look like pen strokes, not noise.

@@ -78,6 +78,16 @@ def load(cfg: Config) -> dict[str, ClassStore]:
     return {split: _store(data["images"], data["chars"], keys, chars[split], cfg.rotations) for split in SPLITS}
 
 
+def sources(cfg: Config) -> list[Path]:
+    """The archives this config reads: each zip, and its extracted folder."""
+    folder = Path(cfg.root).expanduser() / "omniglot"
+    return [p for name in cfg.archives for p in (folder / f"{name}.zip", folder / name)]
+
+
+def cache_dir(cfg: Config) -> Path:
+    return Path(cfg.root).expanduser() / "omniglot" / "cache"
+
+
 def vinyals_split() -> dict[str, dict[str, dict[str, list[str]]]]:
     """The Vinyals split as ``{split: {"background"|"evaluation": {alphabet: ["characterNN", ...]}}}``."""
     split = {name: {image_set: {} for image_set in _SET_ARCHIVE} for name in SPLITS}

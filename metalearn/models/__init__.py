@@ -12,6 +12,7 @@ from types import ModuleType
 BACKBONES = {
     "conv4": "metalearn.models.conv4",
     "resnet12": "metalearn.models.resnet12",
+    "mlp": "metalearn.models.mlp",
 }
 
 

@@ -71,6 +71,8 @@ def build(cfg: Config, input_shape: tuple[int, int, int]) -> Conv4:
     if not 0 <= pools <= cfg.layers:
         raise ConfigError(f"backbone.pool_layers={cfg.pool_layers} must be between 0 and backbone.layers={cfg.layers} "
                           "(or null: every block pools)")
+    if len(input_shape) != 3:
+        raise ConfigError(f"backbone=conv4 takes images, but this data gives vectors of size {input_shape[0]}; use backbone=mlp")
     c, h, w = input_shape
     if min(h, w) < 2**pools:
         fix = "lower backbone.pool_layers" if cfg.pool_layers is not None else "lower backbone.layers or set backbone.pool_layers"

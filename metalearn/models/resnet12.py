@@ -148,6 +148,8 @@ def build(cfg: Config, input_shape: tuple[int, int, int]) -> ResNet12:
         raise ConfigError(f"backbone.dropout must be in [0, 1) (got {cfg.dropout})")
     if cfg.block_size < 1:
         raise ConfigError(f"backbone.block_size must be >= 1 (got {cfg.block_size})")
+    if len(input_shape) != 3:
+        raise ConfigError(f"backbone=resnet12 takes images, but this data gives vectors of size {input_shape[0]}; use backbone=mlp")
     c, h, w = input_shape
     if min(h, w) < 16:
         raise ConfigError(f"resnet12's 4 max-pools need images of at least 16px (got {h}x{w}); use a larger data.image_size or backbone=conv4")

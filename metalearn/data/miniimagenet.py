@@ -1,0 +1,297 @@
+"""miniImageNet (Vinyals et al. 2016) with the class split of Ravi & Larochelle (ICLR 2017):
+100 ImageNet classes of 600 colour images each, 84x84, split 64/16/20 into train/val/test.
+
+There is no official download. The files go under ``<root>/miniimagenet/`` in either of the
+two forms people hold (``data.form`` picks one; ``auto`` takes the first that is complete):
+
+- ``pickle``: ``mini-imagenet-cache-train.pkl``, ``mini-imagenet-cache-val.pkl`` (or
+  ``-validation.pkl``, learn2learn's name) and ``mini-imagenet-cache-test.pkl``, the cache
+  format of Ren et al. (2018) that most copies are shared in: a pickled dict
+  ``{"image_data": uint8 [N, H, W, 3] RGB, "class_dict": {wnid: [row indices]}}``.
+  ``scripts/build_miniimagenet.py`` makes them from ImageNet's train images.
+- ``images``: Ravi's split files ``train.csv``, ``val.csv``, ``test.csv`` (header
+  ``filename,label``, rows like ``n0153282900000005.jpg,n01532829``) and the images they name
+  in ``images/``.
+
+The first load of each split decodes it once into ``<root>/miniimagenet/cache/`` (uint8,
+channels first, sorted by class, resized to ``data.image_size`` if that is not the files'
+size); later loads memory-map that file and are rebuilt when the source files change.
+Classes are named by their WordNet id (``n01532829``).
+
+Pickles can run code when loaded, so they are read with an unpickler that builds only
+numpy arrays and plain containers (see ``read_pickle``); anything else is refused.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import pickle
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from metalearn.data import SPLITS
+from metalearn.data.common import ImageConfig, cached, check_image_config, dataset_dir, file_signature
+from metalearn.data.episodes import ClassStore
+from metalearn.data.transforms import resize
+from metalearn.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+# Per-channel mean and std of miniImageNet's pixels on the 0..255 scale, as used by the
+# dataloaders of Gidaris & Komodakis (CVPR 2018) and MetaOptNet (Lee et al., CVPR 2019,
+# data/mini_imagenet.py: mean_pix, std_pix) and the many works built on them; here on [0, 1].
+MEAN = tuple(x / 255.0 for x in (120.39586422, 115.59361427, 104.54012653))
+STD = tuple(x / 255.0 for x in (70.68188272, 68.27635443, 72.54505529))
+NATIVE_SIZE = 84  # the benchmark's image size; the shared files hold 84x84 images
+FORMS = ("auto", "pickle", "images")
+# The pickle of each split; the val split also goes by "validation" (learn2learn's download name).
+PICKLE_NAMES = {
+    "train": ("mini-imagenet-cache-train.pkl",),
+    "val": ("mini-imagenet-cache-val.pkl", "mini-imagenet-cache-validation.pkl"),
+    "test": ("mini-imagenet-cache-test.pkl",),
+}
+# Bump when the cache's content or preprocessing changes, so old caches are rebuilt.
+_CACHE_VERSION = 1
+
+
+@dataclass
+class Config(ImageConfig):
+    name: str = "miniimagenet"
+    form: str = "auto"  # auto | pickle (mini-imagenet-cache-*.pkl) | images (train/val/test.csv + images/)
+
+
+def load(cfg: Config) -> dict[str, ClassStore]:
+    _check_config(cfg)
+    folder = dataset_dir(cfg)
+    form, files = _choose_form(folder, cfg.form)
+    stores = {}
+    for split in SPLITS:
+        data = _split_cache(folder, split, form, files, cfg.image_size)
+        stores[split] = ClassStore(data["images"], data["labels"], data["class_names"], mean=MEAN, std=STD)
+    return stores
+
+
+def sources(cfg: Config) -> list[Path]:
+    """The raw files and folders ``load`` reads: those of the complete form, else those it looks for."""
+    folder = dataset_dir(cfg)
+    layouts = _layouts(folder)
+    wanted = ["pickle", "images"] if cfg.form == "auto" else [cfg.form]
+    complete = [form for form in wanted if form in layouts and not _missing(layouts[form])]
+    form = complete[0] if complete else (wanted[0] if wanted[0] in layouts else "pickle")
+    return list(layouts[form].values())
+
+
+def read_pickle(path: Path, what: str) -> Any:
+    """The object pickled in ``path``, built from numpy arrays and plain containers only.
+
+    A pickle can name any function to call while loading; these files come from the web,
+    so only what the dataset pickles hold is allowed. Python 2 pickles (the original
+    miniImageNet and tieredImageNet files) load too: their byte strings come back as str.
+    """
+    try:
+        with open(path, "rb") as f:
+            return _DataUnpickler(f, encoding="latin1").load()
+    except _Refused as e:
+        raise DataError(
+            f"{path} asks to run {e} while loading, which a {what} file never needs; refused: replace it with a trusted copy"
+        ) from None
+    except MemoryError:
+        raise DataError(f"not enough memory to read {path}; free memory or use a machine with more") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError, KeyError) as e:
+        raise DataError(f"{path} is damaged or not a {what} pickle ({type(e).__name__}: {e}); replace it with a good copy") from None
+    except OSError as e:
+        raise DataError(f"cannot read {path} ({e}); check the file and its permissions") from None
+
+
+class _Refused(Exception):
+    pass
+
+
+class _DataUnpickler(pickle.Unpickler):
+    # What pickled numpy arrays, numpy scalars and plain dicts/lists refer to, under numpy 1 and 2
+    # and Python 2 and 3 names; nothing here runs code beyond building those objects.
+    ALLOWED = {
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),
+        ("collections", "OrderedDict"), ("collections", "defaultdict"),
+        ("builtins", "list"), ("__builtin__", "list"), ("builtins", "dict"), ("__builtin__", "dict"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise _Refused(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
+def text(value: Any) -> str:
+    """A key or name from a pickle as str (Python 2 pickles may give bytes)."""
+    return value.decode("latin1") if isinstance(value, (bytes, bytearray)) else str(value)
+
+
+def sorted_by_class(class_rows: dict[str, np.ndarray]) -> tuple[list[str], np.ndarray, torch.Tensor]:
+    """(class names sorted, the rows of all images in class order, their labels 0..C-1)."""
+    names = sorted(class_rows)
+    rows = [np.asarray(class_rows[name], dtype=np.int64) for name in names]
+    order = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+    labels = torch.repeat_interleave(torch.arange(len(names)), torch.tensor([len(r) for r in rows], dtype=torch.long))
+    return names, order, labels
+
+
+def _check_config(cfg: Config) -> None:
+    check_image_config(cfg)
+    if cfg.form not in FORMS:
+        raise ConfigError(f"unknown data.form={cfg.form!r}; use one of: {', '.join(FORMS)}")
+
+
+def _layouts(folder: Path) -> dict[str, dict[str, Path]]:
+    """The files of each form, keyed by what they are."""
+    pickles = {}
+    for split, names in PICKLE_NAMES.items():
+        present = [folder / name for name in names if (folder / name).is_file()]
+        pickles[split] = present[0] if present else folder / names[0]
+    images = {split: folder / f"{split}.csv" for split in SPLITS}
+    images["images"] = folder / "images"
+    return {"pickle": pickles, "images": images}
+
+
+def _missing(files: dict[str, Path]) -> list[Path]:
+    return [path for key, path in files.items() if not (path.is_dir() if key == "images" else path.is_file())]
+
+
+def _choose_form(folder: Path, form: str) -> tuple[str, dict[str, Path]]:
+    layouts = _layouts(folder)
+    wanted = ["pickle", "images"] if form == "auto" else [form]
+    for name in wanted:
+        if not _missing(layouts[name]):
+            return name, layouts[name]
+    pickles = ", ".join(p.name for p in _missing(layouts["pickle"]))
+    images = ", ".join(p.name + ("/" if p.name == "images" else "") for p in _missing(layouts["images"]))
+    where = f"put them in {folder} (or set data.root to the folder that holds miniimagenet/); no download exists"
+    if form == "pickle":
+        raise DataError(f"miniImageNet pickle(s) {pickles} not found; {where}; scripts/build_miniimagenet.py makes them from ImageNet")
+    if form == "images":
+        raise DataError(f"miniImageNet {images} not found; {where} (Ravi & Larochelle's split CSVs and the images they name)")
+    raise DataError(
+        f"miniImageNet files not found in {folder}: put mini-imagenet-cache-train.pkl, -val.pkl and -test.pkl there "
+        f"(missing: {pickles}; scripts/build_miniimagenet.py makes them from ImageNet), or Ravi's train.csv, val.csv, "
+        f"test.csv and images/ (missing: {images}); or set data.root to the folder that holds miniimagenet/"
+    )
+
+
+def _split_cache(folder: Path, split: str, form: str, files: dict[str, Path], size: int) -> dict:
+    if form == "pickle":
+        split_files = [files[split]]
+        build: Callable[[], dict] = lambda: _from_pickle(files[split], size)
+    else:
+        split_files = [files[split], files["images"]]
+        build = lambda: _from_images(files[split], files["images"], size)
+    meta = {
+        "version": _CACHE_VERSION,
+        "form": form,
+        "image_size": size,
+        # Name, size and time of the source files (for images/, of the folder: it changes when
+        # images are added, removed or renamed), so a replaced source is not read from an old cache.
+        "sources": file_signature(*split_files),
+    }
+    path = folder / "cache" / f"{split}-{size}px-v{_CACHE_VERSION}.pt"
+    return cached(path, meta, build, f"miniImageNet {split}")
+
+
+def _from_pickle(path: Path, size: int) -> dict:
+    images, class_rows = _read_cache_pickle(path)
+    names, order, labels = sorted_by_class(class_rows)
+    out = torch.empty(len(order), 3, size, size, dtype=torch.uint8)
+    chunk = 2048  # resize a slice at a time: a float copy of all 38400 train images would need 3 GB
+    for lo in range(0, len(order), chunk):
+        part = torch.from_numpy(np.ascontiguousarray(images[order[lo : lo + chunk]])).permute(0, 3, 1, 2)
+        out[lo : lo + chunk] = resize(part, size)
+    return {"images": out, "labels": labels, "class_names": names}
+
+
+def _read_cache_pickle(path: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """``image_data`` and ``class_dict`` of a miniImageNet pickle, checked."""
+    data = read_pickle(path, "miniImageNet")
+    keys = {text(k): v for k, v in data.items()} if isinstance(data, dict) else {}
+    if "image_data" not in keys or "class_dict" not in keys:
+        found = f"a dict with keys {sorted(keys)}" if isinstance(data, dict) else f"a {type(data).__name__}"
+        raise DataError(
+            f"{path} holds {found}, not a miniImageNet pickle (a dict with image_data and class_dict); replace it"
+        )
+    images, class_dict = keys["image_data"], keys["class_dict"]
+    if not (isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4 and images.shape[3] == 3):
+        got = f"{images.dtype} array {list(images.shape)}" if isinstance(images, np.ndarray) else type(images).__name__
+        raise DataError(f"image_data in {path} must be a uint8 array [N, H, W, 3] (got {got}); replace the file")
+    if not isinstance(class_dict, dict) or not class_dict:
+        raise DataError(f"class_dict in {path} must be a non-empty dict {{wnid: [image indices]}}; replace the file")
+    class_rows, owner = {}, np.full(len(images), -1)
+    for c, (wnid, rows) in enumerate(class_dict.items()):
+        try:
+            rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        except (TypeError, ValueError):
+            raise DataError(f"class_dict[{text(wnid)!r}] in {path} is not a list of image indices; replace the file") from None
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(images)):
+            raise DataError(
+                f"class_dict[{text(wnid)!r}] in {path} points past the {len(images)} images of image_data; the file is damaged: replace it"
+            )
+        if (owner[rows] >= 0).any() or len(np.unique(rows)) != len(rows):
+            raise DataError(f"class_dict in {path} gives an image to two classes (or twice to {text(wnid)!r}); replace the file")
+        owner[rows] = c
+        class_rows[text(wnid)] = rows
+    return images, class_rows
+
+
+def read_split_csv(path: Path) -> list[tuple[str, str]]:
+    """The (image file name, wnid) rows of one of Ravi & Larochelle's split CSVs."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"cannot read {path} ({e}); replace it with Ravi & Larochelle's split file") from None
+    if not rows or [cell.strip() for cell in rows[0]] != ["filename", "label"]:
+        raise DataError(f"{path} does not start with the header filename,label, so it is not one of Ravi & Larochelle's split CSVs; replace it")
+    body = [row for row in rows[1:] if row]
+    bad = [i + 2 for i, row in enumerate(rows[1:]) if row and (len(row) != 2 or not row[0].strip() or not row[1].strip())]
+    if bad:
+        raise DataError(f"line {bad[0]} of {path} is not 'filename,label'; the file is damaged: replace it")
+    if not body:
+        raise DataError(f"{path} lists no images; replace it with Ravi & Larochelle's split file")
+    return [(name.strip(), label.strip()) for name, label in body]
+
+
+def _from_images(csv_path: Path, image_dir: Path, size: int) -> dict:
+    rows = read_split_csv(csv_path)
+    class_rows: dict[str, list[int]] = {}
+    for i, (_, wnid) in enumerate(rows):
+        class_rows.setdefault(wnid, []).append(i)
+    names, order, labels = sorted_by_class({k: np.asarray(v) for k, v in class_rows.items()})
+    paths = [image_dir / rows[i][0] for i in order]
+    # Threads overlap the file reads; JPEG decoding releases the GIL in Pillow.
+    pool = ThreadPoolExecutor()
+    try:
+        images = list(pool.map(lambda p: _read_image(p, size, csv_path), paths))
+    finally:
+        pool.shutdown(cancel_futures=True)  # Ctrl-C must not wait for every queued image
+    return {"images": torch.stack(images), "labels": labels, "class_names": names}
+
+
+def _read_image(path: Path, size: int, listed_in: Path) -> torch.Tensor:
+    """The image at ``path`` as uint8 [3, size, size] RGB."""
+    try:
+        with Image.open(path) as image:
+            array = np.asarray(image.convert("RGB"))
+    except FileNotFoundError:
+        raise DataError(f"{path.name}, listed in {listed_in.name}, is missing from {path.parent}; put the complete images/ folder there") from None
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read {path} ({e}); the image is damaged: replace it") from None
+    return resize(torch.from_numpy(array).permute(2, 0, 1)[None], size)[0].contiguous()
+
