@@ -31,7 +31,7 @@ from metalearn.data.common import episode_transforms
 from metalearn.errors import ConfigError, TrainingError
 from metalearn.fileio import atomic_write_json
 from metalearn.models import backbone_module
-from metalearn.tracking import TensorBoard
+from metalearn.tracking import TensorBoard, hparam_metrics
 
 log = logging.getLogger("metalearn")
 
@@ -324,7 +324,8 @@ class Trainer:
         tb = TensorBoard(self.run_dir, purge_step=self.step + 1 if self.step else None)
         if self.step == 0:
             tb.hparams({k: v for k, v in flat(to_dict(cfg)).items()
-                        if not k.startswith(("trainer.", "device.", "data.root", "resume"))})
+                        if not k.startswith(("trainer.", "device.", "data.root", "resume"))},
+                       hparam_metrics(algo.primary_metric))
         episodes = (f"{cfg.ways}-way {cfg.shots}-shot" if self.stores["train"].task == "classification"
                     else f"regression, {cfg.shots}-shot")
         log.info("%s on %s (%s, %s, %d parameters) on %s -> %s", cfg.algo.name, cfg.data.name,

@@ -15,8 +15,10 @@ from typing import Any
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
-#: metrics shown in the HParams tab (scalar tags written by the engine)
-HPARAM_METRICS = ("val/accuracy", "val/best_accuracy", "test/accuracy", "test/accuracy_ci95", "test/loss")
+
+def hparam_metrics(metric: str) -> tuple[str, ...]:
+    """The scalar tags the HParams tab shows for a run whose checkpoints are chosen by ``metric``."""
+    return (f"val/{metric}", f"val/best_{metric}", f"test/{metric}", f"test/{metric}_ci95")
 
 
 class TensorBoard:
@@ -28,7 +30,7 @@ class TensorBoard:
         for tag, value in values.items():
             self.writer.add_scalar(tag, value, step)
 
-    def hparams(self, params: dict[str, Any], metrics: tuple[str, ...] = HPARAM_METRICS) -> None:
+    def hparams(self, params: dict[str, Any], metrics: tuple[str, ...]) -> None:
         clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in params.items()}
         for summary in hparams_summaries(clean, {m: 0.0 for m in metrics}):
             self.writer.file_writer.add_summary(summary)

@@ -40,8 +40,9 @@ OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz"
 OFFICIAL_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
 FOLDER = "cifar100"  # under the data root, shared by every split of CIFAR-100
 NATIVE_SIZE = 32
-# Per-channel statistics of CIFAR-100's training images on the [0, 1] scale, as commonly
-# published (MetaOptNet's CIFAR-FS/FC100 values, 129.38/255 ..., agree to 3 decimals).
+# CIFAR-100's per-channel mean and std on the [0, 1] scale, as commonly published for it
+# (MetaOptNet's CIFAR-FS/FC100 values, [129.38, 124.11, 112.48]/255 and [68.21, 65.43, 70.46]/255,
+# agree within 3e-4).
 MEAN = (0.5071, 0.4865, 0.4409)
 STD = (0.2673, 0.2564, 0.2762)
 # Bump when the cache's content or preprocessing changes, so old caches are rebuilt.
@@ -65,6 +66,25 @@ def archive_path(cfg: Cifar100Config) -> Path:
 def sources(cfg: Cifar100Config) -> list[Path]:
     """The raw files the loader reads (downloading them when missing)."""
     return [archive_path(cfg)]
+
+
+def load_images(cfg: Cifar100Config) -> dict:
+    """All of CIFAR-100 (train and test pickles merged) at ``cfg.image_size``, from the cache when it is current.
+
+    ``{"images": uint8 [N, 3, S, S] sorted by fine class, "fine_labels", "coarse_labels": long [N],
+    "fine_names": [100 str], "coarse_names": [20 str]}``.
+    """
+    check_image_config(cfg)
+    archive, downloaded = _ensure_archive(cfg)
+    meta = {"version": _CACHE_VERSION, "image_size": cfg.image_size, "sources": file_signature(archive)}
+    path = archive.parent / "cache" / f"cifar100-{cfg.image_size}px-v{_CACHE_VERSION}.pt"
+
+    def build() -> dict:
+        if cfg.md5 and not downloaded:  # a download was just checked; a copy put there by hand is checked once here
+            check_md5(archive, cfg.md5, f"{_url(cfg)}, or data.md5='' to skip the check for a copy you trust")
+        return _decode(archive, cfg.image_size)
+
+    return cached(path, meta, build, "CIFAR-100")
 
 
 def split_stores(cfg: Cifar100Config, data: dict, split_classes: dict[str, list[str]], split_name: str) -> dict[str, ClassStore]:
@@ -91,25 +111,6 @@ def split_stores(cfg: Cifar100Config, data: dict, split_classes: dict[str, list[
     return {
         split: _store(data, sorted(index[name] for name in classes)) for split, classes in split_classes.items()
     }
-
-
-def load_images(cfg: Cifar100Config) -> dict:
-    """All of CIFAR-100 (train and test pickles merged) at ``cfg.image_size``, from the cache when it is current.
-
-    ``{"images": uint8 [N, 3, S, S] sorted by fine class, "fine_labels", "coarse_labels": long [N],
-    "fine_names": [100 str], "coarse_names": [20 str]}``.
-    """
-    check_image_config(cfg)
-    archive, downloaded = _ensure_archive(cfg)
-    meta = {"version": _CACHE_VERSION, "image_size": cfg.image_size, "sources": file_signature(archive)}
-    path = archive.parent / "cache" / f"cifar100-{cfg.image_size}px-v{_CACHE_VERSION}.pt"
-
-    def build() -> dict:
-        if cfg.md5 and not downloaded:  # a download was just checked; a copy put there by hand is checked once here
-            check_md5(archive, cfg.md5, f"{_url(cfg)}, or data.md5='' to skip the check for a copy you trust")
-        return _decode(archive, cfg.image_size)
-
-    return cached(path, meta, build, "CIFAR-100")
 
 
 def _url(cfg: Cifar100Config) -> str:
@@ -143,7 +144,7 @@ def _decode(archive: Path, size: int) -> dict:
     except (tarfile.TarError, zlib.error, EOFError, gzip.BadGzipFile, pickle.UnpicklingError,
             KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
         raise DataError(
-            f"{archive} is corrupt or not the CIFAR-100 python archive ({type(e).__name__}: {e}); "
+            f"{archive} is corrupt or not the CIFAR-100 python archive ({type(e).__name__}: {_first_line(e)}); "
             "delete it and run again to download it afresh"
         ) from None
     if not (len(fine) == len(coarse) == len(flat)) or len(fine_names) != 100 or len(coarse_names) != 20:
@@ -171,7 +172,7 @@ def _decode(archive: Path, size: int) -> dict:
 def _read_pickles(archive: Path) -> dict[str, dict]:
     """The ``train``, ``test`` and ``meta`` pickles of the archive, read in one pass over it."""
     found = {}
-    with tarfile.open(archive) as tf:
+    with tarfile.open(archive, "r:gz") as tf:
         for member in tf:
             name = member.name.removeprefix("./")
             folder, _, base = name.rpartition("/")
@@ -180,7 +181,10 @@ def _read_pickles(archive: Path) -> dict[str, dict]:
                     found[base] = _SafeUnpickler(io.BytesIO(f.read()), encoding="latin1").load()
     missing = [f"cifar-100-python/{name}" for name in _PICKLES if name not in found]
     if missing:
-        raise KeyError(f"no {', '.join(missing)} inside")
+        raise DataError(
+            f"{archive} has no {' or '.join(missing)} inside, so it is not the CIFAR-100 python archive; "
+            "delete it and run again to download it afresh"
+        )
     # Python 2 pickles read with latin1 give str keys; ones written by Python 3 may have bytes keys.
     return {name: {_text(k): v for k, v in content.items()} for name, content in found.items()}
 
@@ -190,6 +194,12 @@ def _pixels(batch: dict) -> np.ndarray:
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * NATIVE_SIZE**2:
         raise ValueError(f"'data' is not a uint8 array [N, {3 * NATIVE_SIZE ** 2}]")
     return data
+
+
+def _first_line(error: Exception) -> str:
+    """An exception's message cut to one line (tarfile's can list every method it tried)."""
+    lines = str(error).splitlines()
+    return lines[0].rstrip(":") if lines else ""
 
 
 def _text(value: str | bytes) -> str:

@@ -174,7 +174,7 @@ def _read_archive(archive: Path, size: int, margin: float) -> tuple[dict[str, st
         batch.clear()
 
     try:
-        with tarfile.open(archive) as tf:
+        with tarfile.open(archive, "r:gz") as tf:
             for member in tf:
                 name = member.name.removeprefix("./")
                 if not member.isfile() or not name.startswith(f"{TOP}/"):
@@ -191,7 +191,7 @@ def _read_archive(archive: Path, size: int, margin: float) -> tuple[dict[str, st
             flush()
     except (tarfile.TarError, zlib.error, EOFError, gzip.BadGzipFile, UnicodeDecodeError) as e:
         raise DataError(
-            f"{archive} is corrupt ({type(e).__name__}: {e}); delete it and run again to download it afresh"
+            f"{archive} is corrupt ({type(e).__name__}: {_first_line(e)}); delete it and run again to download it afresh"
         ) from None
     finally:
         # Without cancel_futures, Ctrl-C would still wait for every queued image.
@@ -205,13 +205,19 @@ def _read_archive(archive: Path, size: int, margin: float) -> tuple[dict[str, st
     return texts, decoded
 
 
+def _first_line(error: Exception) -> str:
+    """An exception's message cut to one line (tarfile's can list every method it tried)."""
+    lines = str(error).splitlines()
+    return lines[0].rstrip(":") if lines else ""
+
+
 def _decode_jpeg(data: bytes, size: int, margin: float, where: str) -> np.ndarray:
     """One JPEG as uint8 [3, size, size]: RGB, resized whole (margin 1) or resized larger and centre-cropped."""
     try:
         with Image.open(io.BytesIO(data)) as image:
             rgb = image.convert("RGB")  # some CUB photos are greyscale
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"cannot decode {where} ({e}); the archive is damaged: delete it and run again") from None
+        raise DataError(f"cannot decode {where} ({_first_line(e)}); the archive is damaged: delete it and run again") from None
     scaled = size if margin == 1.0 else int(size * margin)
     rgb = rgb.resize((scaled, scaled), Image.Resampling.BILINEAR)
     if scaled != size:
