@@ -184,8 +184,8 @@ def data_command(args: list[str]) -> int:
         else:
             print(f"  {split}: {store.num_classes} classes, {len(store)} images of {'x'.join(map(str, store.input_shape))}")
     cache = module.cache_dir(cfg) if hasattr(module, "cache_dir") else None
-    if cache is None and hasattr(cfg, "root"):
-        cache = Path(cfg.root).expanduser() / cfg.name / "cache"  # the convention of common.cached
+    if cache is None and sources:
+        cache = Path(sources[0]).parent / "cache"  # the convention: cache/ beside the files it is built from
     if cache is not None:
         files = sorted(p for p in Path(cache).glob("*") if p.is_file() and not p.name.startswith("."))
         print(f"cache {cache}: " + (", ".join(f"{p.name} ({p.stat().st_size / 1e6:.1f} MB)" for p in files) or "empty"))

@@ -37,7 +37,8 @@ from metalearn.fileio import atomic_path
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    out = Path(args.out).expanduser() if args.out else Path(os.environ.get("METALEARN_DATA", "~/.cache/metalearn")).expanduser() / "miniimagenet"
+    root = Path(os.environ.get("METALEARN_DATA", "~/.cache/metalearn")).expanduser()
+    out = Path(args.out).expanduser() if args.out else root / "miniimagenet"
     splits = Path(args.splits).expanduser() if args.splits else out
     try:
         if args.size < 1:
@@ -100,7 +101,8 @@ def source_image(filename: str, wnid: str, images: list[Path]) -> Path:
     n = int(number)
     if not 1 <= n <= len(images):
         raise DataError(
-            f"split row {filename} names image {n} of {wnid}, but its ImageNet folder has {len(images)}; the ImageNet train folder is incomplete"
+            f"split row {filename} names image {n} of {wnid}, but its ImageNet folder has {len(images)}; "
+            "the ImageNet train folder is incomplete"
         )
     return images[n - 1]
 

@@ -30,7 +30,7 @@ import pickle
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable
 
 import numpy as np
 import torch
@@ -64,6 +64,7 @@ _CACHE_VERSION = 1
 @dataclass
 class Config(ImageConfig):
     name: str = "miniimagenet"
+    download: bool = False  # no download of miniImageNet exists: the files are put in place by hand
     form: str = "auto"  # auto | pickle (mini-imagenet-cache-*.pkl) | images (train/val/test.csv + images/)
 
 
@@ -80,11 +81,9 @@ def load(cfg: Config) -> dict[str, ClassStore]:
 
 def sources(cfg: Config) -> list[Path]:
     """The raw files and folders ``load`` reads: those of the complete form, else those it looks for."""
-    folder = dataset_dir(cfg)
-    layouts = _layouts(folder)
-    wanted = ["pickle", "images"] if cfg.form == "auto" else [cfg.form]
-    complete = [form for form in wanted if form in layouts and not _missing(layouts[form])]
-    form = complete[0] if complete else (wanted[0] if wanted[0] in layouts else "pickle")
+    layouts = _layouts(dataset_dir(cfg))
+    wanted = [cfg.form] if cfg.form in layouts else ["pickle", "images"]
+    form = next((name for name in wanted if not _missing(layouts[name])), wanted[0])
     return list(layouts[form].values())
 
 
@@ -138,7 +137,7 @@ def text(value: Any) -> str:
     return value.decode("latin1") if isinstance(value, (bytes, bytearray)) else str(value)
 
 
-def sorted_by_class(class_rows: dict[str, np.ndarray]) -> tuple[list[str], np.ndarray, torch.Tensor]:
+def _sorted_by_class(class_rows: dict[str, np.ndarray]) -> tuple[list[str], np.ndarray, torch.Tensor]:
     """(class names sorted, the rows of all images in class order, their labels 0..C-1)."""
     names = sorted(class_rows)
     rows = [np.asarray(class_rows[name], dtype=np.int64) for name in names]
@@ -209,7 +208,7 @@ def _split_cache(folder: Path, split: str, form: str, files: dict[str, Path], si
 
 def _from_pickle(path: Path, size: int) -> dict:
     images, class_rows = _read_cache_pickle(path)
-    names, order, labels = sorted_by_class(class_rows)
+    names, order, labels = _sorted_by_class(class_rows)
     out = torch.empty(len(order), 3, size, size, dtype=torch.uint8)
     chunk = 2048  # resize a slice at a time: a float copy of all 38400 train images would need 3 GB
     for lo in range(0, len(order), chunk):
@@ -241,7 +240,8 @@ def _read_cache_pickle(path: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
             raise DataError(f"class_dict[{text(wnid)!r}] in {path} is not a list of image indices; replace the file") from None
         if len(rows) and (rows.min() < 0 or rows.max() >= len(images)):
             raise DataError(
-                f"class_dict[{text(wnid)!r}] in {path} points past the {len(images)} images of image_data; the file is damaged: replace it"
+                f"class_dict[{text(wnid)!r}] in {path} points past the {len(images)} images of image_data; "
+                "the file is damaged: replace it"
             )
         if (owner[rows] >= 0).any() or len(np.unique(rows)) != len(rows):
             raise DataError(f"class_dict in {path} gives an image to two classes (or twice to {text(wnid)!r}); replace the file")
@@ -258,7 +258,9 @@ def read_split_csv(path: Path) -> list[tuple[str, str]]:
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"cannot read {path} ({e}); replace it with Ravi & Larochelle's split file") from None
     if not rows or [cell.strip() for cell in rows[0]] != ["filename", "label"]:
-        raise DataError(f"{path} does not start with the header filename,label, so it is not one of Ravi & Larochelle's split CSVs; replace it")
+        raise DataError(
+            f"{path} does not start with the header filename,label, so it is not one of Ravi & Larochelle's split CSVs; replace it"
+        )
     body = [row for row in rows[1:] if row]
     bad = [i + 2 for i, row in enumerate(rows[1:]) if row and (len(row) != 2 or not row[0].strip() or not row[1].strip())]
     if bad:
@@ -273,7 +275,7 @@ def _from_images(csv_path: Path, image_dir: Path, size: int) -> dict:
     class_rows: dict[str, list[int]] = {}
     for i, (_, wnid) in enumerate(rows):
         class_rows.setdefault(wnid, []).append(i)
-    names, order, labels = sorted_by_class({k: np.asarray(v) for k, v in class_rows.items()})
+    names, order, labels = _sorted_by_class({k: np.asarray(v) for k, v in class_rows.items()})
     paths = [image_dir / rows[i][0] for i in order]
     # Threads overlap the file reads; JPEG decoding releases the GIL in Pillow.
     pool = ThreadPoolExecutor()
@@ -285,13 +287,18 @@ def _from_images(csv_path: Path, image_dir: Path, size: int) -> dict:
 
 
 def _read_image(path: Path, size: int, listed_in: Path) -> torch.Tensor:
-    """The image at ``path`` as uint8 [3, size, size] RGB."""
     try:
-        with Image.open(path) as image:
-            array = np.asarray(image.convert("RGB"))
+        return rgb_image(path, size)
     except FileNotFoundError:
-        raise DataError(f"{path.name}, listed in {listed_in.name}, is missing from {path.parent}; put the complete images/ folder there") from None
+        raise DataError(
+            f"{path.name}, listed in {listed_in.name}, is missing from {path.parent}; put the complete images/ folder there"
+        ) from None
     except (OSError, ValueError) as e:
         raise DataError(f"cannot read {path} ({e}); the image is damaged: replace it") from None
-    return resize(torch.from_numpy(array).permute(2, 0, 1)[None], size)[0].contiguous()
 
+
+def rgb_image(source: Path | BinaryIO, size: int) -> torch.Tensor:
+    """An encoded image (a file, or a stream of its bytes) as uint8 [3, size, size] RGB, resized if need be."""
+    with Image.open(source) as image:
+        array = np.array(image.convert("RGB"))  # a writable copy, as torch.from_numpy wants
+    return resize(torch.from_numpy(array).permute(2, 0, 1)[None], size)[0]

@@ -29,6 +29,7 @@ episode reads only the images it draws. Both are rebuilt when the source files c
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import warnings
@@ -38,27 +39,23 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 
 from metalearn.data import SPLITS
 from metalearn.data.common import ImageConfig, cached, check_image_config, dataset_dir, file_signature
 from metalearn.data.episodes import ClassStore
-from metalearn.data.miniimagenet import read_pickle, text
+# MEAN, STD: the per-channel statistics that MetaOptNet's tieredImageNet dataloader (Lee et al.,
+# CVPR 2019, data/tiered_imagenet.py: mean_pix, std_pix) uses, the same as for miniImageNet.
+from metalearn.data.miniimagenet import MEAN, STD, read_pickle, rgb_image, text
 from metalearn.data.transforms import resize
 from metalearn.errors import ConfigError, DataError
 from metalearn.fileio import atomic_path
 
 log = logging.getLogger(__name__)
 
-# The per-channel statistics (0..255 scale) that the tieredImageNet dataloader of MetaOptNet
-# (Lee et al., CVPR 2019, data/tiered_imagenet.py: mean_pix, std_pix) uses, the same as for
-# miniImageNet (whose classes are also ImageNet's); here on [0, 1].
-MEAN = tuple(x / 255.0 for x in (120.39586422, 115.59361427, 104.54012653))
-STD = tuple(x / 255.0 for x in (70.68188272, 68.27635443, 72.54505529))
 FORMS = ("auto", "png", "npz")
 CHANNEL_ORDERS = ("bgr", "rgb")
 # Images decoded and written per step: bounds the memory of a cache build to a few hundred MB.
@@ -70,6 +67,7 @@ _CACHE_VERSION = 1
 @dataclass
 class Config(ImageConfig):
     name: str = "tieredimagenet"
+    download: bool = False  # no download of tieredImageNet exists: the files are put in place by hand
     form: str = "auto"  # auto | png (<split>_images_png.pkl) | npz (<split>_images.npz); labels from <split>_labels.pkl
     npz_channels: str = "bgr"  # channel order of the pixels in <split>_images.npz: bgr (the shared files) | rgb
 
@@ -186,29 +184,40 @@ def _read_labels(path: Path) -> tuple[np.ndarray, list[str] | None]:
     if key is None:
         found = f"keys {sorted(keys)}" if isinstance(data, dict) else f"a {type(data).__name__}"
         raise DataError(
-            f"{path} has {found}, neither label_specific (Ren et al.'s files) nor labels; it is not a tieredImageNet labels file: replace it"
+            f"{path} has {found}, neither label_specific (Ren et al.'s files) nor labels; "
+            "it is not a tieredImageNet labels file: replace it"
         )
     labels = np.asarray(keys[key])
     if labels.ndim != 1 or labels.dtype.kind not in "iu" or (len(labels) and labels.min() < 0):
-        raise DataError(f"{key} in {path} must be a list of class numbers >= 0 (got {labels.dtype} {list(labels.shape)}); replace the file")
+        raise DataError(
+            f"{key} in {path} must be a list of class numbers >= 0 (got {labels.dtype} {list(labels.shape)}); replace the file"
+        )
     names = keys.get("label_specific_str") if key == "label_specific" else None
     if names is not None:
+        if not isinstance(names, (list, tuple, np.ndarray)):
+            raise DataError(
+                f"label_specific_str in {path} must be a list of class names (got {type(names).__name__}); replace the file"
+            )
         names = [text(name) for name in names]
         if len(labels) and labels.max() >= len(names):
             raise DataError(
-                f"label_specific in {path} goes up to {labels.max()} but label_specific_str names {len(names)} classes; replace the file"
+                f"label_specific in {path} goes up to {labels.max()} but label_specific_str names {len(names)} classes; "
+                "replace the file"
             )
     return labels.astype(np.int64), names
 
 
 class PngImages:
-    """The PNG-encoded images of ``<split>_images_png.pkl`` (the whole list is read: pickles cannot be streamed)."""
+    """The PNG-encoded images of ``<split>_images_png.pkl``. The whole list is read first (a pickle
+    cannot be read in parts): several GB for the train split, decoded a slice at a time."""
 
     def __init__(self, path: Path):
         self.path = path
         self.items = read_pickle(path, "tieredImageNet images")
         if not isinstance(self.items, list):
-            raise DataError(f"{path} holds a {type(self.items).__name__}, not the list of PNG images of a tieredImageNet split; replace it")
+            raise DataError(
+                f"{path} holds a {type(self.items).__name__}, not the list of PNG images of a tieredImageNet split; replace it"
+            )
         self.count = len(self.items)
 
     def chunks(self, size: int) -> Iterator[torch.Tensor]:
@@ -224,12 +233,9 @@ class PngImages:
     def _decode(self, i: int, size: int) -> torch.Tensor:
         item = self.items[i]
         try:
-            data = item.tobytes() if isinstance(item, np.ndarray) else bytes(item)
-            with Image.open(BytesIO(data)) as image:
-                array = np.asarray(image.convert("RGB"))
+            return rgb_image(BytesIO(item.tobytes() if isinstance(item, np.ndarray) else bytes(item)), size)
         except (OSError, ValueError, TypeError) as e:
             raise DataError(f"image {i} of {self.path} is not a readable PNG ({e}); the file is damaged: replace it") from None
-        return resize(torch.from_numpy(array).permute(2, 0, 1)[None], size)[0]
 
 
 class NpzImages:
@@ -238,73 +244,52 @@ class NpzImages:
 
     def __init__(self, path: Path, channels: str):
         self.path, self.channels = path, channels
-        with _NpyInZip(path, "images.npy") as (_, shape):
+        with _npy_in_zip(path, "images") as (_, shape):
             self.count = shape[0]
 
     def chunks(self, size: int) -> Iterator[torch.Tensor]:
         """uint8 [n, 3, size, size] RGB, in file order."""
-        with _NpyInZip(self.path, "images.npy") as (stream, shape):
-            row = int(np.prod(shape[1:]))
+        with _npy_in_zip(self.path, "images") as (stream, shape):
             for lo in range(0, self.count, _CHUNK):
-                n = min(_CHUNK, self.count - lo)
-                data = stream.read(n * row)
-                if len(data) != n * row:
-                    raise DataError(f"{self.path} ends after {lo + len(data) // row} of its {self.count} images; it is truncated: replace it")
-                x = torch.from_numpy(np.frombuffer(data, dtype=np.uint8).reshape(n, *shape[1:])).permute(0, 3, 1, 2)
-                if self.channels == "bgr":
-                    x = x.flip(1)
-                yield resize(x, size)
+                pixels = np.empty((min(_CHUNK, self.count - lo), *shape[1:]), dtype=np.uint8)
+                got = _read_into(stream, pixels)
+                if got != pixels.nbytes:
+                    raise DataError(
+                        f"{self.path} ends after {lo + got // pixels[0].nbytes} of its {self.count} images; it is truncated: replace it"
+                    )
+                x = torch.from_numpy(pixels).permute(0, 3, 1, 2)
+                yield resize(x.flip(1) if self.channels == "bgr" else x, size)
 
 
-class _NpyInZip:
-    """``with _NpyInZip(npz, member) as (stream, shape)``: the member's data stream, past its header, checked
-    to be uint8 [N, H, W, 3]; damaged or truncated zips become DataErrors."""
-
-    def __init__(self, path: Path, member: str):
-        self.path, self.member = path, member
-
-    def __enter__(self):
-        try:
-            self.zip = zipfile.ZipFile(self.path)
-            names = self.zip.namelist()
-            if self.member not in names:
-                arrays = ", ".join(n.removesuffix(".npy") for n in names) or "none"
-                raise DataError(f"{self.path} has no 'images' array (arrays: {arrays}); it is not a tieredImageNet npz: replace it")
-            self.stream = self.zip.open(self.member)
-            version = np.lib.format.read_magic(self.stream)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, fortran_order, dtype = read_header(self.stream)
-        except DataError:
-            self.__exit__()
-            raise
-        except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError) as e:
-            self.__exit__()
-            raise DataError(f"{self.path} is damaged or not an .npz ({type(e).__name__}: {e}); replace it") from None
-        if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or fortran_order:
-            self.__exit__()
-            raise DataError(
-                f"images in {self.path} must be a uint8 array [N, H, W, 3] (got {dtype} {list(shape)}"
-                f"{', Fortran order' if fortran_order else ''}); replace the file"
-            )
-        return _GuardedStream(self.stream, self.path), tuple(shape)
-
-    def __exit__(self, *exc) -> None:
-        for name in ("stream", "zip"):
-            if hasattr(self, name):
-                getattr(self, name).close()
+@contextlib.contextmanager
+def _npy_in_zip(path: Path, name: str) -> Iterator[tuple[BinaryIO, tuple[int, ...]]]:
+    """The stream of array ``name`` of an npz, just past its header, and its shape, checked to be
+    uint8 [N, H, W, 3]. Damaged zips (also those found damaged while reading on) are DataErrors."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            if f"{name}.npy" not in zf.namelist():
+                arrays = ", ".join(n.removesuffix(".npy") for n in zf.namelist()) or "none"
+                raise DataError(f"{path} has no {name!r} array (arrays: {arrays}); it is not a tieredImageNet npz: replace it")
+            with zf.open(f"{name}.npy") as stream:
+                version = np.lib.format.read_magic(stream)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, fortran_order, dtype = read_header(stream)
+                if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or fortran_order:
+                    order = ", Fortran order" if fortran_order else ""
+                    raise DataError(
+                        f"{name} in {path} must be a uint8 array [N, H, W, 3] (got {dtype} {list(shape)}{order}); replace the file"
+                    )
+                yield stream, shape
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError) as e:  # bad CRC, bad deflate data, bad header
+        raise DataError(f"{path} is damaged or not an .npz ({type(e).__name__}: {e}); replace it") from None
 
 
-class _GuardedStream:
-    """A zip member stream whose read errors (bad CRC, corrupt deflate data) are DataErrors."""
-
-    def __init__(self, stream, path: Path):
-        self.stream, self.path = stream, path
-
-    def read(self, n: int) -> bytes:
-        try:
-            return self.stream.read(n)
-        except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
-            raise DataError(f"{self.path} is damaged ({type(e).__name__}: {e}); replace it") from None
+def _read_into(stream: BinaryIO, array: np.ndarray) -> int:
+    """Fill the C-contiguous ``array`` with the stream's next bytes; the count read (short at its end)."""
+    buffer, total = memoryview(array).cast("B"), 0
+    while total < len(buffer) and (got := stream.readinto(buffer[total:])):
+        total += got
+    return total
 
 
 def _write_sorted(source, destination: np.ndarray, size: int, npy: Path, what: str) -> None:
