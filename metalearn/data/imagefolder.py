@@ -54,6 +54,7 @@ _SHOWN = 10  # small classes named in an error message; the log line names them 
 @dataclass
 class Config(ImageConfig):
     name: str = "imagefolder"
+    download: bool = False  # your own files: nothing is ever downloaded
     path: str = ""  # the folder whose leaf subfolders are the classes; made absolute when the config is built
     channels: int = 3  # 1: greyscale, 3: RGB
     invert: bool = False  # 255 - x after decoding: for dark ink on a white background (e.g. Omniglot)
@@ -95,6 +96,11 @@ def load(cfg: Config) -> dict[str, ClassStore]:
 def sources(cfg: Config) -> list[Path]:
     """The folder the loader reads."""
     return [Path(_absolute(cfg.path))] if cfg.path else []
+
+
+def cache_dir(cfg: Config) -> Path:
+    """Where the decoded images are cached: under the data root, never inside the user's tree."""
+    return dataset_dir(cfg) / "cache"
 
 
 class FolderClassStore(ClassStore):
@@ -252,7 +258,7 @@ def _decoded(cfg: Config, folder: Path) -> dict:
             "channels": cfg.channels, "invert": cfg.invert, "files": files}
     key = hashlib.sha1(str(folder).encode()).hexdigest()[:12]
     settings = f"{cfg.image_size}px-{cfg.channels}ch{'-inverted' if cfg.invert else ''}"
-    path = dataset_dir(cfg) / "cache" / f"{folder.name or 'root'}-{key}-{settings}-v{_CACHE_VERSION}.pt"
+    path = cache_dir(cfg) / f"{folder.name or 'root'}-{key}-{settings}-v{_CACHE_VERSION}.pt"
     return cached(path, meta, lambda: _decode_classes(classes, cfg.image_size, cfg.channels, cfg.invert), f"imagefolder ({folder})")
 
 
