@@ -14,7 +14,6 @@ later loads read only that file, rebuilt when the archive changes.
 
 from __future__ import annotations
 
-import codecs
 import gzip
 import io
 import logging
@@ -27,8 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metalearn.data.common import ImageConfig, cached, check_image_config, dataset_dir, file_signature
-from metalearn.data.download import check_md5, download
+from metalearn.data.common import (
+    DataUnpickler, ImageConfig, cached, check_image_config, dataset_dir, fetch, file_signature, text,
+)
+from metalearn.data.download import check_md5
 from metalearn.data.episodes import ClassStore
 from metalearn.data.transforms import resize
 from metalearn.errors import DataError
@@ -120,24 +121,15 @@ def _url(cfg: Cifar100Config) -> str:
 def _ensure_archive(cfg: Cifar100Config) -> tuple[Path, bool]:
     """The archive's path, downloading it first if missing; and whether it was just downloaded."""
     archive = archive_path(cfg)
-    if archive.is_file():
-        return archive, False
-    if not cfg.download:
-        raise DataError(
-            f"{ARCHIVE} not found in {archive.parent} and data.download=false; "
-            f"download {_url(cfg)} into that folder, or set data.download=true"
-        )
-    log.info("downloading %s", _url(cfg))
-    download(_url(cfg), archive, md5=cfg.md5 or None)
-    return archive, True
+    return archive, fetch(archive, _url(cfg), cfg.download, cfg.md5)
 
 
 def _decode(archive: Path, size: int) -> dict:
     try:
         pickles = _read_pickles(archive)
         train, test, meta = (pickles[name] for name in _PICKLES)
-        fine_names = [_text(name) for name in meta["fine_label_names"]]
-        coarse_names = [_text(name) for name in meta["coarse_label_names"]]
+        fine_names = [text(name) for name in meta["fine_label_names"]]
+        coarse_names = [text(name) for name in meta["coarse_label_names"]]
         flat = np.concatenate([_pixels(train), _pixels(test)])
         fine = torch.tensor(list(train["fine_labels"]) + list(test["fine_labels"]), dtype=torch.long)
         coarse = torch.tensor(list(train["coarse_labels"]) + list(test["coarse_labels"]), dtype=torch.long)
@@ -178,7 +170,7 @@ def _read_pickles(archive: Path) -> dict[str, dict]:
             folder, _, base = name.rpartition("/")
             if folder == "cifar-100-python" and base in _PICKLES and member.isfile():
                 with tf.extractfile(member) as f:
-                    found[base] = _SafeUnpickler(io.BytesIO(f.read()), encoding="latin1").load()
+                    found[base] = DataUnpickler(io.BytesIO(f.read()), encoding="latin1").load()
     missing = [f"cifar-100-python/{name}" for name in _PICKLES if name not in found]
     if missing:
         raise DataError(
@@ -186,7 +178,7 @@ def _read_pickles(archive: Path) -> dict[str, dict]:
             "delete it and run again to download it afresh"
         )
     # Python 2 pickles read with latin1 give str keys; ones written by Python 3 may have bytes keys.
-    return {name: {_text(k): v for k, v in content.items()} for name, content in found.items()}
+    return {name: {text(k): v for k, v in content.items()} for name, content in found.items()}
 
 
 def _pixels(batch: dict) -> np.ndarray:
@@ -200,29 +192,6 @@ def _first_line(error: Exception) -> str:
     """An exception's message cut to one line (tarfile's can list every method it tried)."""
     lines = str(error).splitlines()
     return lines[0].rstrip(":") if lines else ""
-
-
-def _text(value: str | bytes) -> str:
-    return value.decode("latin1") if isinstance(value, bytes) else str(value)
-
-
-class _SafeUnpickler(pickle.Unpickler):
-    """Unpickles plain containers and numpy arrays only: a pickle cannot run code on load,
-    even from an archive whose md5 check was turned off."""
-
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"): np.ndarray((0,)).__reduce__()[0],  # numpy 1.x pickles
-        ("numpy._core.multiarray", "_reconstruct"): np.ndarray((0,)).__reduce__()[0],  # numpy 2.x pickles
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
-        ("_codecs", "encode"): codecs.encode,  # how protocol-2 pickles from Python 3 store bytes
-    }
-
-    def find_class(self, module: str, name: str):
-        try:
-            return self._ALLOWED[(module, name)]
-        except KeyError:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}") from None
 
 
 def _store(data: dict, classes: list[int]) -> ClassStore:

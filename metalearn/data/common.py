@@ -4,6 +4,7 @@ root, and the cache of decoded images that later loads read instead of the raw f
 from __future__ import annotations
 
 import logging
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -11,7 +12,8 @@ from typing import Any, Callable
 import torch
 
 from metalearn.data.transforms import AugmentConfig, EpisodeTransform, check_augment
-from metalearn.errors import ConfigError
+from metalearn.data.download import download
+from metalearn.errors import ConfigError, DataError
 from metalearn.fileio import atomic_torch_save
 
 log = logging.getLogger(__name__)
@@ -77,3 +79,69 @@ def cached(path: Path, meta: dict, build: Callable[[], dict], what: str) -> dict
 def file_signature(*paths: Path) -> list[list]:
     """Name, size and mtime of each file: enough to notice a replaced source file."""
     return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
+
+
+def fetch(path: Path, url: str, allowed: bool, md5: str | None, size_note: str = "") -> bool:
+    """Make sure the file ``path`` exists, downloading it from ``url`` (md5 checked) if ``allowed``.
+
+    Returns whether it was just downloaded (a file put there by hand may deserve its own check).
+    """
+    if path.is_file():
+        return False
+    if not allowed:
+        raise DataError(f"{path.name} not found in {path.parent} and data.download=false; "
+                        f"download {url} into that folder, or set data.download=true")
+    log.info("downloading %s%s", url, size_note)
+    download(url, path, md5=md5 or None)
+    return True
+
+
+class RefusedPickle(pickle.UnpicklingError):
+    """A pickle asked to build something no dataset file needs (it could run code)."""
+
+
+class DataUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays, numpy scalars and plain containers only.
+
+    A pickle can name any function to call while loading; dataset pickles come from the web,
+    so only what they hold is allowed (numpy 1 and 2, Python 2 and 3 names). Use with
+    ``encoding="latin1"`` so Python 2 pickles (the original miniImageNet, tieredImageNet and
+    CIFAR files) load too.
+    """
+
+    ALLOWED = {
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 store bytes
+        ("collections", "OrderedDict"), ("collections", "defaultdict"),
+        ("builtins", "list"), ("__builtin__", "list"), ("builtins", "dict"), ("__builtin__", "dict"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise RefusedPickle(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
+def read_pickle(path: Path, what: str) -> Any:
+    """The object pickled in ``path`` (see ``DataUnpickler``); every failure is a one-line DataError."""
+    try:
+        with open(path, "rb") as f:
+            return DataUnpickler(f, encoding="latin1").load()
+    except RefusedPickle as e:
+        raise DataError(
+            f"{path} asks to run {e} while loading, which a {what} file never needs; refused: replace it with a trusted copy"
+        ) from None
+    except MemoryError:
+        raise DataError(f"not enough memory to read {path}; free memory or use a machine with more") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError, KeyError) as e:
+        raise DataError(f"{path} is damaged or not a {what} pickle ({type(e).__name__}: {e}); replace it with a good copy") from None
+    except OSError as e:
+        raise DataError(f"cannot read {path} ({e}); check the file and its permissions") from None
+
+
+def text(value: Any) -> str:
+    """A key or name from a pickle as str (Python 2 pickles may give bytes)."""
+    return value.decode("latin1") if isinstance(value, (bytes, bytearray)) else str(value)

@@ -37,8 +37,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from metalearn.data.common import ImageConfig, cached, check_image_config, dataset_dir, file_signature
-from metalearn.data.download import check_md5, download
+from metalearn.data.common import ImageConfig, cached, check_image_config, dataset_dir, fetch, file_signature
+from metalearn.data.download import check_md5
 from metalearn.data.episodes import ClassStore
 from metalearn.errors import ConfigError, DataError
 
@@ -112,16 +112,7 @@ def _url(cfg: Config) -> str:
 def _ensure_archive(cfg: Config) -> tuple[Path, bool]:
     """The archive's path, downloading it first if missing; and whether it was just downloaded."""
     archive = dataset_dir(cfg) / ARCHIVE
-    if archive.is_file():
-        return archive, False
-    if not cfg.download:
-        raise DataError(
-            f"{ARCHIVE} not found in {archive.parent} and data.download=false; "
-            f"download {_url(cfg)} into that folder, or set data.download=true"
-        )
-    log.info("downloading %s (1.1 GB)", _url(cfg))
-    download(_url(cfg), archive, md5=cfg.md5 or None)
-    return archive, True
+    return archive, fetch(archive, _url(cfg), cfg.download, cfg.md5, " (1.1 GB)")
 
 
 def _decode(archive: Path, size: int, margin: float) -> dict:

@@ -7,14 +7,11 @@ clean instead of tripping over half-written data.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import http.client
-import lzma
 import os
 import shutil
 import sys
-import tarfile
 import tempfile
 import urllib.error
 import urllib.request
@@ -133,58 +130,6 @@ def check_md5(path: str | os.PathLike, md5: str, source: str) -> None:
     if actual != md5.lower():
         raise DataError(f"{path} has md5 {actual}, expected {md5}: it is corrupt or another file; "
                         f"delete it and run again, or put the right file there ({source})")
-
-
-def extract_tar(archive: str | os.PathLike, dest_dir: str | os.PathLike, subdir: str = "") -> Path:
-    """Extract a (gzip/bz2/xz) tar ``archive`` so that it appears at ``dest_dir`` complete, or not at all.
-
-    The same contract as ``extract_zip``: only members under ``subdir`` (landing directly in
-    ``dest_dir``), staged in a temp folder beside it and renamed into place; members that would
-    escape it, links and devices are refused.
-    """
-    archive, dest_dir = Path(archive), Path(dest_dir)
-    prefix = subdir.strip("/") + "/" if subdir else ""
-    try:
-        dest_dir.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=f".{dest_dir.name}.tmp-", dir=dest_dir.parent) as tmp, tarfile.open(archive) as tf:
-            staging = Path(tmp) / dest_dir.name
-            staging.mkdir()
-            found = False
-            for member in tf:
-                name = member.name[2:] if member.name.startswith("./") else member.name
-                if not name.startswith(prefix) or name.rstrip("/") == prefix.rstrip("/"):
-                    continue
-                relative = PurePosixPath(name[len(prefix) :])
-                if relative.is_absolute() or ".." in relative.parts:
-                    raise DataError(
-                        f"{archive} holds an entry pointing outside its folder ({member.name!r}), refused; "
-                        "delete the file and get it from a trusted source"
-                    )
-                found = True
-                target = staging.joinpath(*relative.parts)
-                if member.isdir():
-                    target.mkdir(parents=True, exist_ok=True)
-                elif member.isfile():
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    with tf.extractfile(member) as src, open(target, "wb") as dst:
-                        shutil.copyfileobj(src, dst, _CHUNK)
-                # links, devices and fifos are skipped: datasets are plain files
-            if not found:
-                raise DataError(
-                    f"{archive} has no folder {prefix!r} inside, so it is not the expected archive; replace it with the right file"
-                )
-            try:
-                os.replace(staging, dest_dir)
-            except OSError:
-                if not dest_dir.is_dir():  # another process extracted it first: use its copy
-                    raise
-    except (tarfile.TarError, zlib.error, EOFError, gzip.BadGzipFile, lzma.LZMAError) as e:
-        raise DataError(f"{archive} is corrupt ({e}); delete it and run again to download or copy it afresh") from None
-    except OSError as e:
-        raise DataError(
-            f"cannot extract {archive} into {dest_dir.parent} ({e}); make room there or make the folder writable"
-        ) from None
-    return dest_dir
 
 
 def _progress(name: str, received: int, expected: int | None) -> None:

@@ -26,18 +26,17 @@ from __future__ import annotations
 
 import csv
 import logging
-import pickle
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import BinaryIO, Callable
 
 import numpy as np
 import torch
 from PIL import Image
 
 from metalearn.data import SPLITS
-from metalearn.data.common import ImageConfig, cached, check_image_config, dataset_dir, file_signature
+from metalearn.data.common import ImageConfig, cached, check_image_config, dataset_dir, file_signature, read_pickle, text
 from metalearn.data.episodes import ClassStore
 from metalearn.data.transforms import resize
 from metalearn.errors import ConfigError, DataError
@@ -85,56 +84,6 @@ def sources(cfg: Config) -> list[Path]:
     wanted = [cfg.form] if cfg.form in layouts else ["pickle", "images"]
     form = next((name for name in wanted if not _missing(layouts[name])), wanted[0])
     return list(layouts[form].values())
-
-
-def read_pickle(path: Path, what: str) -> Any:
-    """The object pickled in ``path``, built from numpy arrays and plain containers only.
-
-    A pickle can name any function to call while loading; these files come from the web,
-    so only what the dataset pickles hold is allowed. Python 2 pickles (the original
-    miniImageNet and tieredImageNet files) load too: their byte strings come back as str.
-    """
-    try:
-        with open(path, "rb") as f:
-            return _DataUnpickler(f, encoding="latin1").load()
-    except _Refused as e:
-        raise DataError(
-            f"{path} asks to run {e} while loading, which a {what} file never needs; refused: replace it with a trusted copy"
-        ) from None
-    except MemoryError:
-        raise DataError(f"not enough memory to read {path}; free memory or use a machine with more") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError, KeyError) as e:
-        raise DataError(f"{path} is damaged or not a {what} pickle ({type(e).__name__}: {e}); replace it with a good copy") from None
-    except OSError as e:
-        raise DataError(f"cannot read {path} ({e}); check the file and its permissions") from None
-
-
-class _Refused(Exception):
-    pass
-
-
-class _DataUnpickler(pickle.Unpickler):
-    # What pickled numpy arrays, numpy scalars and plain dicts/lists refer to, under numpy 1 and 2
-    # and Python 2 and 3 names; nothing here runs code beyond building those objects.
-    ALLOWED = {
-        ("numpy", "ndarray"), ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-        ("_codecs", "encode"),
-        ("collections", "OrderedDict"), ("collections", "defaultdict"),
-        ("builtins", "list"), ("__builtin__", "list"), ("builtins", "dict"), ("__builtin__", "dict"),
-    }
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in self.ALLOWED:
-            raise _Refused(f"{module}.{name}")
-        return super().find_class(module, name)
-
-
-def text(value: Any) -> str:
-    """A key or name from a pickle as str (Python 2 pickles may give bytes)."""
-    return value.decode("latin1") if isinstance(value, (bytes, bytearray)) else str(value)
 
 
 def _sorted_by_class(class_rows: dict[str, np.ndarray]) -> tuple[list[str], np.ndarray, torch.Tensor]:

@@ -45,11 +45,11 @@ import numpy as np
 import torch
 
 from metalearn.data import SPLITS
-from metalearn.data.common import ImageConfig, cached, check_image_config, dataset_dir, file_signature
+from metalearn.data.common import ImageConfig, cached, check_image_config, dataset_dir, file_signature, read_pickle, text
 from metalearn.data.episodes import ClassStore
 # MEAN, STD: the per-channel statistics that MetaOptNet's tieredImageNet dataloader (Lee et al.,
 # CVPR 2019, data/tiered_imagenet.py: mean_pix, std_pix) uses, the same as for miniImageNet.
-from metalearn.data.miniimagenet import MEAN, STD, read_pickle, rgb_image, text
+from metalearn.data.miniimagenet import MEAN, STD, rgb_image
 from metalearn.data.transforms import resize
 from metalearn.errors import ConfigError, DataError
 from metalearn.fileio import atomic_path
