@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -87,6 +88,7 @@ def train_app(cfg: DictConfig) -> float | None:
         run_cfg, ckpt = _resume_config(cfg) if cfg.resume else (to_run_config(cfg), None)
         results = engine.train(run_cfg, run_dir, resume_from=ckpt)
     except MetalearnError as e:
+        _remove_if_unused(run_dir, resumed=bool(cfg.resume))
         fail(e, e.exit_code)
     except engine.Stopped as s:
         print(f"metalearn: {s}", file=sys.stderr)
@@ -94,6 +96,25 @@ def train_app(cfg: DictConfig) -> float | None:
     engine.print_results(results)
     print(f"results: {run_dir / 'results.json'}")
     return results["best_val"]["value"]  # what a Hydra sweeper optimises
+
+
+def _remove_if_unused(run_dir: Path, resumed: bool) -> None:
+    """A single run that failed before its first checkpoint (missing data, a bad backbone option)
+    leaves no empty time-named directory behind; sweep jobs keep theirs, with the log of the failure."""
+    from hydra.types import RunMode
+
+    if resumed or HydraConfig.get().mode != RunMode.RUN or (run_dir / "checkpoints").exists():
+        return
+    logging.shutdown()  # close train.log before removing it
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cwd = Path.cwd().resolve()
+    for parent in run_dir.resolve().parents:  # outputs/<date>/ too, when this run was all they held
+        if parent == cwd or cwd not in parent.parents:
+            break
+        try:
+            parent.rmdir()
+        except OSError:
+            break
 
 
 # ---------------------------------------------------------------- eval

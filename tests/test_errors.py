@@ -66,6 +66,11 @@ MISTAKES = {
     "eval of a checkpoint that does not fit its config": (["eval", "ckpt={files}/resized.pt"],
                                                           ["{files}/resized.pt", "does not fit"], 2),
     "resume of a missing run": (["train", "resume={tmp}/nope"], ["{tmp}/nope"], 2),
+    "classifier on regression data": (["train", "data=sinusoid", "backbone=mlp", "algo=matchingnet"],
+                                      ["algo=matchingnet", "classification", "sinusoid is regression", "maml"], 2),
+    "image backbone on vectors": (["train", "data=sinusoid", "backbone=resnet12"], ["backbone=resnet12", "backbone=mlp"], 2),
+    "vector backbone on images": (["train", "data=glyphs", "backbone=mlp"], ["backbone=mlp", "1x28x28", "conv4"], 2),
+    "data command without action": (["data"], ["usage: metalearn data info|prepare"], 2),
 }
 
 
@@ -146,6 +151,12 @@ def test_resume_of_a_missing_run_creates_nothing(mistakes):
 def test_data_missing_while_offline_downloads_nothing(mistakes):
     _, tmp = mistakes["data missing while offline"]
     assert not (tmp / "data" / "omniglot").exists() or not any((tmp / "data" / "omniglot").iterdir())
+
+
+def test_a_run_that_fails_before_training_leaves_no_directory(mistakes):
+    for name in ("data missing while offline", "image backbone on vectors", "classifier on regression data"):
+        _, tmp = mistakes[name]
+        assert not (tmp / "run").exists() and not (tmp / "outputs").exists(), (name, sorted(tmp.rglob("*")))
 
 
 # ---------------------------------------------------------------- a download with the wrong md5
