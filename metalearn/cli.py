@@ -99,20 +99,26 @@ def train_app(cfg: DictConfig) -> float | None:
 
 
 def _remove_if_unused(run_dir: Path, resumed: bool) -> None:
-    """A single run that failed before its first checkpoint (missing data, a bad backbone option)
-    leaves no empty time-named directory behind; sweep jobs keep theirs, with the log of the failure."""
+    """A single run that failed before training started (missing data, a bad backbone option) leaves
+    no empty time-named directory behind. Only what Hydra wrote for this run (``.hydra/``,
+    ``train.log``) is removed, and only if nothing else is there: a folder given as
+    ``hydra.run.dir`` that holds other files, a started run (TensorBoard events, checkpoints)
+    and sweep jobs (their log tells what failed) are left as they are."""
     from hydra.types import RunMode
 
-    if resumed or HydraConfig.get().mode != RunMode.RUN or (run_dir / "checkpoints").exists():
+    if resumed or HydraConfig.get().mode != RunMode.RUN or not run_dir.is_dir():
+        return
+    if {p.name for p in run_dir.iterdir()} - {".hydra", "train.log"}:
         return
     logging.shutdown()  # close train.log before removing it
-    shutil.rmtree(run_dir, ignore_errors=True)
+    shutil.rmtree(run_dir / ".hydra", ignore_errors=True)
+    (run_dir / "train.log").unlink(missing_ok=True)
     cwd = Path.cwd().resolve()
-    for parent in run_dir.resolve().parents:  # outputs/<date>/ too, when this run was all they held
-        if parent == cwd or cwd not in parent.parents:
+    for folder in [run_dir.resolve(), *run_dir.resolve().parents]:  # outputs/<date>/ too, if this run was all they held
+        if folder == cwd or cwd not in folder.parents:
             break
         try:
-            parent.rmdir()
+            folder.rmdir()  # only ever removes an empty folder
         except OSError:
             break
 
@@ -177,8 +183,8 @@ def data_command(args: list[str]) -> int:
     from metalearn.data import dataset_module
     from metalearn.errors import MetalearnError
 
-    if not args or args[0] not in ("info", "prepare"):
-        fail("usage: metalearn data info|prepare data=<name> [data.<key>=<value> ...]")
+    if not args or args[0] not in ("info", "prepare") or any(a.startswith("-") or "," in a for a in args[1:]):
+        fail("usage: metalearn data info|prepare data=<name> [data.<key>=<value> ...] (no flags, no sweeps)")
     action, overrides = args[0], args[1:]
     _precheck("train", overrides)
     with initialize_config_module(config_module="metalearn.conf", version_base="1.3"):

@@ -76,8 +76,12 @@ def load_data(cfg: RunConfig, device: torch.device) -> dict[str, ClassStore]:
     for split in ("val", "test"):
         stores[split].check_episode(split, cfg.eval.ways, cfg.eval.shots, cfg.eval.queries)
     if cfg.device.data_on_device:
-        for store in stores.values():
-            store.to(device)
+        try:
+            for store in stores.values():
+                store.to(device)
+        except torch.OutOfMemoryError:
+            raise ConfigError(f"the {cfg.data.name} images do not fit in the memory of {device}; "
+                              "set device.data_on_device=false to keep them in host memory (or on disk)") from None
     return stores
 
 

@@ -159,6 +159,14 @@ def test_a_run_that_fails_before_training_leaves_no_directory(mistakes):
         assert not (tmp / "run").exists() and not (tmp / "outputs").exists(), (name, sorted(tmp.rglob("*")))
 
 
+def test_a_failed_run_never_removes_files_it_did_not_write(cli, tmp_path):
+    (tmp_path / "mywork").mkdir()
+    (tmp_path / "mywork" / "notes.txt").write_text("mine")
+    proc = cli.run(["train", *[a.format(tmp=tmp_path) for a in OFFLINE_OMNIGLOT], "hydra.run.dir=mywork"], tmp_path)
+    error_line(cli, proc)
+    assert (tmp_path / "mywork" / "notes.txt").read_text() == "mine"
+
+
 # ---------------------------------------------------------------- a download with the wrong md5
 
 

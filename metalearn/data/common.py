@@ -71,8 +71,8 @@ def cached(path: Path, meta: dict, build: Callable[[], dict], what: str) -> dict
     data = {**meta, **build()}
     try:
         atomic_torch_save(data, path)
-    except OSError as e:
-        log.warning("cannot write the %s cache %s (%s); the next load will build it again", what, path, e)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        log.warning("cannot write the %s cache %s (%s); the next load will build it again", what, path, str(e).splitlines()[0])
     return data
 
 

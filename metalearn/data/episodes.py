@@ -1,7 +1,8 @@
 """Class-indexed image stores and the episode sampler.
 
-A split is held whole in memory as one uint8 tensor sorted by class
-(optionally on the accelerator). An episode batch is drawn with a handful of
+A split is one uint8 tensor sorted by class: in memory, on the accelerator,
+or memory-mapped from a cache file (tieredImageNet), in which case only the
+images an episode draws are read. An episode batch is drawn with a handful of
 vectorised tensor ops: no Python loop over tasks or classes, no DataLoader
 workers, nothing that syncs with the host.
 """
