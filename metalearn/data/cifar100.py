@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from metalearn.data.common import (
-    DataUnpickler, ImageConfig, cached, check_image_config, dataset_dir, fetch, file_signature, text,
+    DataUnpickler, ImageConfig, cached, check_image_config, class_subset, dataset_dir, fetch, file_signature, first_line,
+    text,
 )
 from metalearn.data.download import check_md5
 from metalearn.data.episodes import ClassStore
@@ -110,7 +111,7 @@ def split_stores(cfg: Cifar100Config, data: dict, split_classes: dict[str, list[
             f"(first: {empty[0]}); the archive is incomplete: delete it and run again to download it afresh"
         )
     return {
-        split: _store(data, sorted(index[name] for name in classes)) for split, classes in split_classes.items()
+        split: class_subset(data["images"], data["fine_labels"], data["fine_names"], sorted(index[name] for name in classes), MEAN, STD) for split, classes in split_classes.items()
     }
 
 
@@ -136,7 +137,7 @@ def _decode(archive: Path, size: int) -> dict:
     except (tarfile.TarError, zlib.error, EOFError, gzip.BadGzipFile, pickle.UnpicklingError,
             KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
         raise DataError(
-            f"{archive} is corrupt or not the CIFAR-100 python archive ({type(e).__name__}: {_first_line(e)}); "
+            f"{archive} is corrupt or not the CIFAR-100 python archive ({type(e).__name__}: {first_line(e)}); "
             "delete it and run again to download it afresh"
         ) from None
     if not (len(fine) == len(coarse) == len(flat)) or len(fine_names) != 100 or len(coarse_names) != 20:
@@ -186,19 +187,3 @@ def _pixels(batch: dict) -> np.ndarray:
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * NATIVE_SIZE**2:
         raise ValueError(f"'data' is not a uint8 array [N, {3 * NATIVE_SIZE ** 2}]")
     return data
-
-
-def _first_line(error: Exception) -> str:
-    """An exception's message cut to one line (tarfile's can list every method it tried)."""
-    lines = str(error).splitlines()
-    return lines[0].rstrip(":") if lines else ""
-
-
-def _store(data: dict, classes: list[int]) -> ClassStore:
-    """The ClassStore of the fine classes ``classes`` (label ids), class i being classes[i]."""
-    label_of = torch.full((len(data["fine_names"]),), -1, dtype=torch.long)
-    label_of[classes] = torch.arange(len(classes))
-    labels = label_of[data["fine_labels"]]
-    keep = labels >= 0
-    names = [data["fine_names"][c] for c in classes]
-    return ClassStore(data["images"][keep], labels[keep], names, mean=MEAN, std=STD)

@@ -13,6 +13,7 @@ import torch
 
 from metalearn.data.transforms import AugmentConfig, EpisodeTransform, check_augment
 from metalearn.data.download import download
+from metalearn.data.episodes import ClassStore
 from metalearn.errors import ConfigError, DataError
 from metalearn.fileio import atomic_torch_save
 
@@ -145,3 +146,20 @@ def read_pickle(path: Path, what: str) -> Any:
 def text(value: Any) -> str:
     """A key or name from a pickle as str (Python 2 pickles may give bytes)."""
     return value.decode("latin1") if isinstance(value, (bytes, bytearray)) else str(value)
+
+
+def class_subset(images: torch.Tensor, labels: torch.Tensor, names: list[str], classes: list[int],
+                 mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> ClassStore:
+    """The ClassStore of the classes ``classes`` (indices into ``names``; ``labels`` gives each image's),
+    class i of the store being classes[i]."""
+    label_of = torch.full((len(names),), -1, dtype=torch.long)
+    label_of[classes] = torch.arange(len(classes))
+    split_labels = label_of[labels]
+    keep = split_labels >= 0
+    return ClassStore(images[keep], split_labels[keep], [names[c] for c in classes], mean=mean, std=std)
+
+
+def first_line(error: Exception) -> str:
+    """An exception's message cut to one line (tarfile's can list every method it tried)."""
+    lines = str(error).splitlines()
+    return lines[0].rstrip(":") if lines else ""

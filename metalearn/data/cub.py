@@ -37,7 +37,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from metalearn.data.common import ImageConfig, cached, check_image_config, dataset_dir, fetch, file_signature
+from metalearn.data.common import (
+    ImageConfig, cached, check_image_config, class_subset, dataset_dir, fetch, file_signature, first_line,
+)
 from metalearn.data.download import check_md5
 from metalearn.data.episodes import ClassStore
 from metalearn.errors import ConfigError, DataError
@@ -87,7 +89,7 @@ def load(cfg: Config) -> dict[str, ClassStore]:
         return _decode(archive, cfg.image_size, cfg.crop_margin)
 
     data = cached(path, meta, build, "CUB")
-    return {split: _store(data, classes) for split, classes in chen_split().items()}
+    return {split: class_subset(data["images"], data["labels"], data["class_names"], classes, IMAGENET_MEAN, IMAGENET_STD) for split, classes in chen_split().items()}
 
 
 def sources(cfg: Config) -> list[Path]:
@@ -182,7 +184,7 @@ def _read_archive(archive: Path, size: int, margin: float) -> tuple[dict[str, st
             flush()
     except (tarfile.TarError, zlib.error, EOFError, gzip.BadGzipFile, UnicodeDecodeError) as e:
         raise DataError(
-            f"{archive} is corrupt ({type(e).__name__}: {_first_line(e)}); delete it and run again to download it afresh"
+            f"{archive} is corrupt ({type(e).__name__}: {first_line(e)}); delete it and run again to download it afresh"
         ) from None
     finally:
         # Without cancel_futures, Ctrl-C would still wait for every queued image.
@@ -196,19 +198,13 @@ def _read_archive(archive: Path, size: int, margin: float) -> tuple[dict[str, st
     return texts, decoded
 
 
-def _first_line(error: Exception) -> str:
-    """An exception's message cut to one line (tarfile's can list every method it tried)."""
-    lines = str(error).splitlines()
-    return lines[0].rstrip(":") if lines else ""
-
-
 def _decode_jpeg(data: bytes, size: int, margin: float, where: str) -> np.ndarray:
     """One JPEG as uint8 [3, size, size]: RGB, resized whole (margin 1) or resized larger and centre-cropped."""
     try:
         with Image.open(io.BytesIO(data)) as image:
             rgb = image.convert("RGB")  # some CUB photos are greyscale
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"cannot decode {where} ({_first_line(e)}); the archive is damaged: delete it and run again") from None
+        raise DataError(f"cannot decode {where} ({first_line(e)}); the archive is damaged: delete it and run again") from None
     scaled = size if margin == 1.0 else int(size * margin)
     rgb = rgb.resize((scaled, scaled), Image.Resampling.BILINEAR)
     if scaled != size:
@@ -243,13 +239,3 @@ def _parse_listing(text: str, archive: Path) -> list[str]:
             "delete it and run again to download it afresh"
         ) from None
     return [path for _, path in rows]
-
-
-def _store(data: dict, classes: list[int]) -> ClassStore:
-    """The ClassStore of classes ``classes`` (0-based indices), class i being classes[i]."""
-    label_of = torch.full((len(data["class_names"]),), -1, dtype=torch.long)
-    label_of[classes] = torch.arange(len(classes))
-    labels = label_of[data["labels"]]
-    keep = labels >= 0
-    names = [data["class_names"][c] for c in classes]
-    return ClassStore(data["images"][keep], labels[keep], names, mean=IMAGENET_MEAN, std=IMAGENET_STD)

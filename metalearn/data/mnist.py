@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from metalearn.data import SPLITS
-from metalearn.data.common import ImageConfig, cached, check_image_config, dataset_dir, file_signature
+from metalearn.data.common import ImageConfig, cached, check_image_config, class_subset, dataset_dir, file_signature
 from metalearn.data.download import check_md5, download
 from metalearn.data.episodes import ClassStore
 from metalearn.data.transforms import resize
@@ -93,7 +93,7 @@ def load(cfg: Config) -> dict[str, ClassStore]:
     images = data["images"]
     if cfg.image_size != images.shape[-1] or cfg.image_size != images.shape[-2]:
         images = torch.cat([resize(chunk, cfg.image_size) for chunk in images.split(4096)])
-    return {split: _store(images, data["labels"], classes) for split, classes in splits.items()}
+    return {split: class_subset(images, data["labels"], [str(d) for d in range(10)], classes, MEAN, STD) for split, classes in splits.items()}
 
 
 def sources(cfg: MnistSource) -> list[Path]:
@@ -214,12 +214,3 @@ def _check_split(splits: dict[str, list[int]]) -> None:
                 where = "twice" if seen[digit] == split else f"in both data.{seen[digit]}_classes and data.{split}_classes"
                 raise ConfigError(f"digit {digit} is listed {where}; give each digit to one split, once")
             seen[digit] = split
-
-
-def _store(images: torch.Tensor, labels: torch.Tensor, classes: list[int]) -> ClassStore:
-    """The ClassStore of the digits ``classes``, class i being digit classes[i]."""
-    label_of = torch.full((10,), -1, dtype=torch.long)
-    label_of[classes] = torch.arange(len(classes))
-    split_labels = label_of[labels]
-    keep = split_labels >= 0
-    return ClassStore(images[keep], split_labels[keep], [str(d) for d in classes], mean=MEAN, std=STD)
