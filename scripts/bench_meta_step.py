@@ -1,10 +1,32 @@
-"""Time one meta-step of an algorithm (and the episode sampler alone) on glyphs episodes.
+"""The engine's meta-step side by side with a plain per-task MAML loop (issue #5).
 
-    python scripts/bench_meta_step.py --algo maml --ways 5 --shots 1 --queries 15 --meta-batch-size 32
+    python scripts/bench_meta_step.py --algo maml --ways 5 --shots 1 --queries 15 --meta-batch-size 32 \\
+        --threads 2 --batched auto,loop --out bench.json
+    python scripts/bench_meta_step.py --device cuda --out bench_cuda.json
 
-Prints median / min / max seconds per meta-step (after warm-up), tasks/s and the
-sampler's share of a step, and writes them as JSON with --out. Issue #5 grows
-this into the side-by-side benchmark against a plain per-task reference loop.
+Side A is the engine: ``algo.meta_step(batch)`` and an Adam step, built through
+``metalearn.engine`` exactly as ``metalearn train`` builds them (conv4 backbone,
+glyphs episodes), once per ``--batched`` value (algo.batched: auto, loop, fold).
+Side B, the reference, is written here independently of metalearn.algorithms:
+a plain conv4 (conv, BatchNorm with batch statistics, ReLU, max-pool), and for
+each task ``torch.func.functional_call`` + ``torch.autograd.grad`` (second
+order unless --first-order), then the query loss's backward, then Adam.
+
+* Timing: both sides run on the same batches, alternating A/B/A/B after warm-up,
+  in one process; medians of ``--repeats``; the ratio is reference time / engine
+  time (> 1: the engine is faster). On CUDA every timing synchronizes.
+* Gradients: from identical weights and one batch, the engine's meta-gradient
+  against the reference's (max abs difference, and relative to the largest
+  gradient entry: conv biases before BatchNorm have gradients that are zero up
+  to rounding, so entry-wise ratios would mean nothing). maml and metasgd only.
+* Memory: each side runs two steps in a subprocess of its own, which reports the
+  growth of its peak memory over them: CPU: peak resident set (VmHWM, reset
+  before the steps; tracemalloc does not see torch's allocations); CUDA:
+  torch.cuda.max_memory_allocated.
+* Sampler: episodes/s of the glyphs sampler alone, and its share of an engine
+  meta-step (goal: under 2%).
+
+Prints and writes (--out) one JSON object.
 """
 
 from __future__ import annotations
@@ -12,13 +34,219 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
 
 from metalearn.config import to_run_config
 from metalearn.engine import build_algorithm, build_optimizer, load_data, resolve_device
+
+MAML_LIKE = ("maml", "metasgd")
+
+
+# ------------------------------------------------------------------ the reference, independent of metalearn
+
+
+class RefConv4(nn.Module):
+    """conv4 + linear head, written out: [n, C, H, W] -> [n, ways]; BatchNorm on the batch's statistics."""
+
+    def __init__(self, in_channels: int, hidden: int, layers: int, features: int, ways: int):
+        super().__init__()
+        self.conv = nn.ModuleList(nn.Conv2d(in_channels if i == 0 else hidden, hidden, 3, padding=1) for i in range(layers))
+        self.bn = nn.ModuleList(nn.BatchNorm2d(hidden, track_running_stats=False) for _ in range(layers))
+        self.head = nn.Linear(features, ways)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv, bn in zip(self.conv, self.bn):
+            x = F.max_pool2d(F.relu(bn(conv(x))), 2)
+        return self.head(x.flatten(1))
+
+
+def ref_name(engine_name: str) -> str:
+    """net.0.convs.2.weight -> conv.2.weight, net.0.norms.2.bias -> bn.2.bias, net.1.weight -> head.weight."""
+    return engine_name.replace("net.0.convs.", "conv.").replace("net.0.norms.", "bn.").replace("net.1.", "head.")
+
+
+def ref_meta_step(net: RefConv4, support_x, support_y, query_x, query_y, inner_lr, steps: int, first_order: bool):
+    """Per-task second-order (or first-order) MAML: fills .grad of net's parameters with the meta-gradient."""
+    params = dict(net.named_parameters())
+    tasks = support_x.shape[0]
+    for t in range(tasks):
+        fast = params
+        for _ in range(steps):
+            loss = F.cross_entropy(functional_call(net, fast, (support_x[t],)), support_y[t])
+            grads = torch.autograd.grad(loss, list(fast.values()), create_graph=not first_order)
+            fast = {k: w - (inner_lr[k] if isinstance(inner_lr, dict) else inner_lr) * g
+                    for (k, w), g in zip(fast.items(), grads)}
+        query_loss = F.cross_entropy(functional_call(net, fast, (query_x[t],)), query_y[t])
+        (query_loss / tasks).backward()
+
+
+class Reference:
+    """The reference meta-learner with the engine algorithm's current weights (and Meta-SGD rates)."""
+
+    def __init__(self, algo, a, device):
+        bb = algo.net[0]
+        self.net = RefConv4(bb.convs[0].in_channels, a.hidden, len(bb.convs), bb.out_features, a.ways).to(device)
+        self.rates = None
+        self.copy_from(algo)
+        self.optimizer = torch.optim.Adam(list(self.net.parameters()) + list(self.rates.values() if self.rates else []),
+                                          lr=a.outer_lr)
+        self.a = a
+
+    def copy_from(self, algo):
+        ours = dict(self.net.named_parameters())
+        with torch.no_grad():
+            for k, p in algo.net.named_parameters():
+                ours[ref_name("net." + k)].copy_(p)
+        if hasattr(algo, "inner_lrs"):  # Meta-SGD: the learned rate of each parameter entry
+            self.rates = {ref_name("net." + k): r.detach().clone().requires_grad_()
+                          for (k, _), r in zip(algo.net.named_parameters(), algo.inner_lrs)}
+
+    def grads(self) -> dict:
+        return {k: p.grad for k, p in self.net.named_parameters()}
+
+    def meta_step(self, batch):
+        a = self.a
+        ref_meta_step(self.net, batch.support_x, batch.support_y, batch.query_x, batch.query_y,
+                      self.rates if self.rates else a.inner_lr, a.inner_steps, a.first_order)
+
+    def step(self, batch):
+        self.optimizer.zero_grad(set_to_none=True)
+        self.meta_step(batch)
+        self.optimizer.step()
+
+
+# ------------------------------------------------------------------ the engine side
+
+
+def engine_config(a, batched: str | None):
+    """The run config of the engine side; ``batched`` is an algo.batched value, optionally with a task
+    chunk after a colon (``fold:4``)."""
+    algo = {"name": a.algo}
+    if a.algo in MAML_LIKE:
+        algo.update(first_order=a.first_order, inner_lr=a.inner_lr, inner_steps=a.inner_steps)
+        mode, _, chunk = (batched or "").partition(":")
+        if mode:
+            algo["batched"] = mode
+        if chunk or a.task_chunk:
+            algo["task_chunk"] = int(chunk or a.task_chunk)
+    return to_run_config({
+        "algo": algo, "data": {"name": "glyphs", "train_classes": 100, "val_classes": 20, "test_classes": 20},
+        "backbone": {"name": "conv4", "hidden": a.hidden}, "device": {"type": a.device}, "ways": a.ways,
+        "shots": a.shots, "queries": a.queries, "meta_batch_size": a.meta_batch_size,
+        "optim": {"name": "adam", "lr": a.outer_lr},
+        "eval": {"ways": a.ways, "shots": a.shots, "queries": a.queries, "batch_size": a.meta_batch_size},
+    })
+
+
+class Engine:
+    def __init__(self, a, batched, stores, device):
+        cfg = engine_config(a, batched)
+        torch.manual_seed(0)  # the same initial weights for every --batched value
+        self.algo = build_algorithm(cfg, stores["train"]).to(device)
+        self.optimizer, _ = build_optimizer(cfg, self.algo.parameters())
+
+    def step(self, batch):
+        self.optimizer.zero_grad(set_to_none=True)
+        self.algo.meta_step(batch)
+        self.optimizer.step()
+
+
+# ------------------------------------------------------------------ measurements
+
+
+def make_sync(device):
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def gradient_agreement(engine: Engine, a, batch) -> dict:
+    """Engine vs reference meta-gradient from the same weights on the same batch."""
+    ref = Reference(engine.algo, a, batch.support_x.device)
+    engine.algo.zero_grad(set_to_none=True)
+    engine.algo.meta_step(batch)
+    ref.meta_step(batch)
+    got = {ref_name(k): p.grad for k, p in engine.algo.named_parameters() if k.startswith("net.")}
+    want = ref.grads()
+    if ref.rates:
+        got.update({ref_name("net." + k): r.grad for (k, _), r in zip(engine.algo.net.named_parameters(),
+                                                                   engine.algo.inner_lrs)})
+        want.update({k: r.grad for k, r in ref.rates.items()})
+    scale = max(w.abs().max().item() for w in want.values())
+    max_abs = max((got[k] - w).abs().max().item() for k, w in want.items())
+    worst = max(want, key=lambda k: (got[k] - want[k]).abs().max().item())
+    engine.algo.zero_grad(set_to_none=True)
+    return {"max_abs_diff": max_abs, "max_rel_diff": max_abs / scale, "largest_gradient": scale, "worst_tensor": worst}
+
+
+def time_alternating(sides: dict, batches: list, warmup: int, repeats: int, sync) -> dict[str, list[float]]:
+    """Run every side on the same batches, A/B/A/B..., and return the seconds of each timed step."""
+    for i in range(warmup):
+        for side in sides.values():
+            side.step(batches[i % len(batches)])
+    times = {name: [] for name in sides}
+    for r in range(repeats):
+        batch = batches[(warmup + r) % len(batches)]
+        for name, side in sides.items():
+            sync()
+            t = time.perf_counter()
+            side.step(batch)
+            sync()
+            times[name].append(time.perf_counter() - t)
+    return times
+
+
+def peak_rss_kib(reset: bool = False) -> int:
+    """This process's peak resident set (KiB); ``reset`` first lowers it to the current RSS (Linux >= 4.0:
+    ``/proc/self/clear_refs``), so the peak of what follows is not hidden by an earlier one (data loading)."""
+    try:
+        if reset:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux; cannot be reset
+
+
+def memory_child(a, side: str) -> None:
+    """Subprocess body: two steps of one side; print its peak memory growth over them in MiB."""
+    device = resolve_device(a.device)
+    stores = load_data(engine_config(a, None), device)
+    sampler = stores["train"].sampler(a.ways, a.shots, a.queries, a.meta_batch_size, seed=0, training=True)
+    batches = [sampler.sample() for _ in range(2)]
+    engine = Engine(a, side.split(":", 1)[1] if side.startswith("engine:") else None, stores, device)
+    runner = Reference(engine.algo, a, device) if side == "reference" else engine
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = peak_rss_kib(reset=True)
+    for batch in batches:
+        runner.step(batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        peak = (peak_rss_kib() - base) / 2**10
+    print(json.dumps({"peak_mib": peak}))
+
+
+def measure_memory(argv: list[str], side: str) -> float | None:
+    """Run ``memory_child`` for ``side`` in a fresh process (peak RSS cannot be reset in-process)."""
+    proc = subprocess.run([sys.executable, __file__, *argv, "--memory-child", side], capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(proc.stderr[-2000:], file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_mib"]
 
 
 def main() -> None:
@@ -28,48 +256,45 @@ def main() -> None:
     p.add_argument("--shots", type=int, default=1)
     p.add_argument("--queries", type=int, default=15)
     p.add_argument("--meta-batch-size", type=int, default=32)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--inner-lr", type=float, default=0.4)
+    p.add_argument("--inner-steps", type=int, default=1)
+    p.add_argument("--outer-lr", type=float, default=1e-3)
     p.add_argument("--first-order", action="store_true")
+    p.add_argument("--batched", default="auto",
+                   help="comma-separated algo.batched values to time, each against the reference (maml, metasgd); "
+                        "MODE:N also sets algo.task_chunk=N, e.g. auto,loop,fold:4,fold:16")
+    p.add_argument("--task-chunk", type=int, default=0, help="algo.task_chunk (0: the algorithm's automatic choice)")
     p.add_argument("--device", default="auto")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     p.add_argument("--out", default=None, help="write the figures as JSON here")
+    p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    algo_cfg = {"name": a.algo, **({"first_order": a.first_order} if a.algo == "maml" else {})}
-    cfg = to_run_config({
-        "algo": algo_cfg, "data": {"name": "glyphs", "train_classes": 100, "val_classes": 20, "test_classes": 20},
-        "backbone": {"name": "conv4"}, "device": {"type": a.device}, "ways": a.ways, "shots": a.shots,
-        "queries": a.queries, "meta_batch_size": a.meta_batch_size,
-        "eval": {"ways": a.ways, "shots": a.shots, "queries": a.queries, "batch_size": a.meta_batch_size},
-    })
-    device = resolve_device(cfg.device.type)
+    if a.memory_child:
+        return memory_child(a, a.memory_child)
+    argv = [arg for arg in sys.argv[1:]]
+
+    device = resolve_device(a.device)
+    sync = make_sync(device)
+    modes = a.batched.split(",") if a.algo in MAML_LIKE else [None]
     torch.manual_seed(0)
-    stores = load_data(cfg, device)
-    algo = build_algorithm(cfg, stores["train"]).to(device)
-    optimizer, _ = build_optimizer(cfg, algo.parameters())
+    stores = load_data(engine_config(a, None), device)
     sampler = stores["train"].sampler(a.ways, a.shots, a.queries, a.meta_batch_size, seed=0, training=True)
+    batches = [sampler.sample() for _ in range(max(2, a.warmup + a.repeats))]
+    engines = {f"engine:{m}" if m else "engine": Engine(a, m, stores, device) for m in modes}
+    first = next(iter(engines.values()))
+    reference = Reference(first.algo, a, device)
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    agreement = {name: gradient_agreement(e, a, batches[0]) for name, e in engines.items()} \
+        if a.algo in MAML_LIKE else {}
+    times = time_alternating({"reference": reference, **engines}, batches, a.warmup, a.repeats, sync)
+    med = {name: statistics.median(v) for name, v in times.items()}
 
-    def step():
-        batch = sampler.sample()
-        optimizer.zero_grad(set_to_none=True)
-        algo.meta_step(batch)
-        optimizer.step()
-
-    for _ in range(a.warmup):
-        step()
-    times = []
-    for _ in range(a.repeats):
-        sync()
-        t = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t)
     sample_times = []
     for _ in range(20):
         sync()
@@ -77,15 +302,27 @@ def main() -> None:
         sampler.sample()
         sync()
         sample_times.append(time.perf_counter() - t)
-    med = statistics.median(times)
+    sample_med = statistics.median(sample_times)
+
+    memory = {} if a.no_memory else {name: measure_memory(argv, name) for name in ["reference", *engines]}
     result = {
-        "algo": a.algo, "first_order": a.first_order, "ways": a.ways, "shots": a.shots, "queries": a.queries,
-        "meta_batch_size": a.meta_batch_size, "device": str(device), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-        "seconds_per_step": {"median": med, "min": min(times), "max": max(times), "repeats": a.repeats},
-        "tasks_per_second": a.meta_batch_size / med,
-        "sampler_seconds": statistics.median(sample_times),
-        "sampler_share_of_step": statistics.median(sample_times) / med,
+        "algo": a.algo, "first_order": a.first_order, "inner_steps": a.inner_steps, "ways": a.ways, "shots": a.shots,
+        "queries": a.queries, "meta_batch_size": a.meta_batch_size, "hidden": a.hidden, "task_chunk": a.task_chunk,
+        "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(), "warmup": a.warmup, "repeats": a.repeats,
+        "sides": {
+            name: {
+                "seconds_per_step": {"median": med[name], "min": min(times[name]), "max": max(times[name])},
+                "tasks_per_second": a.meta_batch_size / med[name],
+                "speedup_vs_reference": med["reference"] / med[name],
+                "peak_memory_mib": memory.get(name),
+                **({"gradient_vs_reference": agreement[name]} if name in agreement else {}),
+            } for name in times
+        },
+        "sampler": {"seconds_per_batch": sample_med, "episodes_per_second": a.meta_batch_size / sample_med,
+                    "share_of_engine_step": sample_med / min(med[name] for name in engines)},
+        "memory_note": ("growth of peak RSS over 2 steps, one subprocess per side" if device.type == "cpu"
+                        else "torch.cuda.max_memory_allocated over 2 steps"),
     }
     print(json.dumps(result, indent=2))
     if a.out:

@@ -8,9 +8,10 @@ unconstrained in sign, the direction of each coordinate's update. Both
 loss at theta'_i; ``alpha`` starts at ``inner_lr`` everywhere. The paper
 adapts in one step (``inner_steps: 1``); more steps reuse the same ``alpha``.
 
-Same machinery as MAML (``maml.adapt`` with a dict of rates): pure functions
-of a parameter dict, one task at a time, each task's graph freed after its
-backward. With ``first_order=true`` the second derivatives through the inner
+Same machinery as MAML (``maml.adapt`` with a dict of rates, or
+``maml.adapt_tasks`` with the rates broadcast over a chunk of tasks; see
+``batched`` in maml.py): pure functions of a parameter dict, each task's (or
+chunk's) graph freed after its backward. With ``first_order=true`` the second derivatives through the inner
 gradient are dropped; ``alpha`` still gets its exact gradient
 ``-grad L_support(theta) * grad L_query(theta'_i)`` (for one step), since
 theta'_i is linear in it.
@@ -34,6 +35,8 @@ class Config:
     inner_steps: int = 1  # inner steps during meta-training (the paper: one)
     test_inner_steps: int = 1  # ... and at validation / test (the paper: one)
     first_order: bool = False  # ignore second derivatives through the inner gradient
+    batched: str = "auto"  # how tasks run, as MAML's: loop | fold | auto (fold for conv4 and mlp backbones)
+    task_chunk: int = 0  # fold: tasks per forward/backward; 0: 16 on CPU, the whole meta-batch on accelerators
 
 
 class MetaSGD(MAML):

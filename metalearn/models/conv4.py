@@ -56,9 +56,11 @@ class Conv4(TaskwiseBackbone):
             x = conv(x)
             if self.norms is not None:
                 x = self.norms[i](x, tasks)
-            x = F.relu(x)
             if i < self.pool_layers:
+                # Pooling before the ReLU gives the same values and gradients (ReLU is monotone and
+                # zero where it cuts), with the ReLU on 4x less data.
                 x = F.max_pool2d(x, 2)
+            x = F.relu(x)
         return x.flatten(1)
 
 
