@@ -277,7 +277,7 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     if a.memory_child:
         return memory_child(a, a.memory_child)
-    argv = [arg for arg in sys.argv[1:]]
+    argv = sys.argv[1:]
 
     device = resolve_device(a.device)
     sync = make_sync(device)

@@ -330,7 +330,7 @@ def test_with_everything_off_it_is_maml(order):
     """MSL/LSLR/BNWB off: exactly maml's meta-step (and evaluation), from the same initial weights."""
     steps, lr = 3, 0.3
     first = order == "first"
-    ref = build(maml_mod, inner_lr=lr, inner_steps=steps, test_inner_steps=2, first_order=first)
+    ref = build(maml_mod, inner_lr=lr, inner_steps=steps, test_inner_steps=2, first_order=first, batched="loop")  # mamlpp loops over tasks
     ours = build(mamlpp_mod, inner_lr=lr, inner_steps=steps, test_inner_steps=2, msl=False, lslr=False, bnwb=False,
                  first_order_steps=10**9 if first else 0)
     assert list(ours.state_dict()) == list(ref.state_dict())

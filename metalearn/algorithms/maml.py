@@ -21,12 +21,12 @@ meta-gradient up to float rounding (tests/test_maml_batched.py):
   convolution runs all the tasks' convolutions and one BatchNorm their per-task
   normalisations. The inner gradient is that of the *sum* of the task losses
   with respect to the stacked weights, which is each task's own gradient, so
-  the adapted weights are each task's. Fewer, larger kernels: about 1.3-1.7x the
-  loop's throughput on CPU (scripts/bench_meta_step.py), more on GPUs; memory
-  grows with ``task_chunk``. conv4 and mlp backbones only.
-* ``auto``: ``fold`` where the backbone supports it, except float64 on CPU,
-  where oneDNN has no kernels, the grouped convolution falls back to a slow
-  per-group loop and ``loop`` is faster; else ``loop``.
+  the adapted weights are each task's. Fewer, larger kernels, for accelerators;
+  memory grows with ``task_chunk``. conv4 and mlp backbones only. On an idle
+  2-core CPU (conv4, 5-way 1-shot, meta-batch 32, second order) it was
+  *slower* than the loop (0.68x-0.76x for chunks of 16 and 4: the folded
+  activations leave the caches), so it is not chosen there.
+* ``auto``: ``fold`` on accelerators where the backbone supports it, else ``loop``.
 
 ``vmap`` over tasks is not offered: on CPU it was 3x slower than the loop, and
 ``torch.func.grad`` of a vmapped BatchNorm network gives wrong meta-gradients.
@@ -56,7 +56,7 @@ class Config:
     inner_steps: int = 1  # SGD steps on the support set during meta-training
     test_inner_steps: int = 3  # ... and at validation / test time
     first_order: bool = False  # FOMAML: ignore second derivatives
-    batched: str = "auto"  # how tasks run: loop (one at a time) | fold (task_chunk at once) | auto (fold if possible)
+    batched: str = "auto"  # how tasks run: loop (one at a time) | fold (task_chunk at once) | auto (loop on CPU, else fold)
     task_chunk: int = 0  # fold: tasks per forward/backward; 0: 16 on CPU, the whole meta-batch on accelerators
 
 
@@ -193,9 +193,8 @@ class MAML(Algorithm):
         return self.cfg.inner_lr
 
     def task_chunk(self, batch: TaskBatch) -> int:
-        """How many tasks ``fold`` runs at once: ``task_chunk``, or automatically 16 on CPU (measured
-        fastest of 4, 8, 16 at conv4 5-way 1-shot, meta-batch 32; memory grows with it) and the whole
-        batch on accelerators."""
+        """How many tasks ``fold`` runs at once: ``task_chunk``, or automatically 16 on CPU (of 4, 8,
+        16, the fastest under load; memory grows with it) and the whole batch on accelerators."""
         chunk = getattr(self.cfg, "task_chunk", 0)
         if chunk <= 0:
             chunk = 16 if batch.support_x.device.type == "cpu" else batch.num_tasks
@@ -205,8 +204,7 @@ class MAML(Algorithm):
         """Whether this batch runs folded (see ``batched`` in the module docstring)."""
         if self._batched_forward is None:
             return False
-        x = batch.support_x
-        return self.cfg.batched == "fold" or not (x.device.type == "cpu" and x.dtype == torch.float64)
+        return self.cfg.batched == "fold" or batch.support_x.device.type != "cpu"
 
     def meta_step(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
         if self.folds(batch):

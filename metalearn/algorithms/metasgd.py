@@ -35,7 +35,7 @@ class Config:
     inner_steps: int = 1  # inner steps during meta-training (the paper: one)
     test_inner_steps: int = 1  # ... and at validation / test (the paper: one)
     first_order: bool = False  # ignore second derivatives through the inner gradient
-    batched: str = "auto"  # how tasks run, as MAML's: loop | fold | auto (fold for conv4 and mlp backbones)
+    batched: str = "auto"  # how tasks run, as MAML's: loop | fold | auto (loop on CPU, else fold)
     task_chunk: int = 0  # fold: tasks per forward/backward; 0: 16 on CPU, the whole meta-batch on accelerators
 
 
