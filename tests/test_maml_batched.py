@@ -163,6 +163,13 @@ def test_batched_regression_equals_the_loop(mode, first_order):
         torch.testing.assert_close(e_batched[k], e_loop[k], rtol=1e-10, atol=1e-14, msg=k)
 
 
+def test_auto_folds_vector_inputs_on_cpu():
+    """The mlp's per-task loop is all overhead: auto folds it on CPU too, the whole meta-batch at once."""
+    (loop, auto), batch = regression_pair("auto")
+    assert auto.folds(batch) and not loop.folds(batch) and auto.task_chunk(batch) == batch.num_tasks
+    assert_same(meta_grad(auto, batch)[0], meta_grad(loop, batch)[0], rtol=1e-10)
+
+
 def test_zero_inner_steps_is_the_plain_gradient_batched():
     loop, batched = pair(maml_mod, "fold", inner_steps=0)
     batch = random_batch()
@@ -185,7 +192,7 @@ def test_functional_forward_equals_the_modules(norm, pools):
 
 
 def test_auto_is_the_loop_on_cpu_and_fold_can_be_forced():
-    """auto folds on accelerators only: on CPU the folded step measured slower than the loop."""
+    """auto folds images on accelerators only: on CPU the folded conv4 step measured slower than the loop."""
     batch32, batch64 = random_batch(dtype=torch.float32), random_batch()
     auto = build(maml_mod, dtype=torch.float32)
     assert auto.cfg.batched == "auto" and auto._batched_forward is not None and not auto.folds(batch32)
