@@ -133,7 +133,10 @@ def engine_config(a, batched: str | None):
     algo = {"name": a.algo}
     if a.algo in MAML_LIKE:
         algo.update(first_order=a.first_order, inner_lr=a.inner_lr, inner_steps=a.inner_steps)
-        mode, _, chunk = (batched or "").partition(":")
+        batched = batched or ""
+        if batched.endswith("+ckpt"):  # e.g. loop+ckpt: algo.checkpoint_inner=true
+            algo["checkpoint_inner"], batched = True, batched.removesuffix("+ckpt")
+        mode, _, chunk = batched.partition(":")
         if mode:
             algo["batched"] = mode
         if chunk or a.task_chunk:
@@ -263,7 +266,8 @@ def main() -> None:
     p.add_argument("--first-order", action="store_true")
     p.add_argument("--batched", default="auto",
                    help="comma-separated algo.batched values to time, each against the reference (maml, metasgd); "
-                        "MODE:N also sets algo.task_chunk=N, e.g. auto,loop,fold:4,fold:16")
+                        "MODE:N also sets algo.task_chunk=N, MODE+ckpt algo.checkpoint_inner=true, "
+                        "e.g. auto,loop,fold:4,fold:16,loop+ckpt")
     p.add_argument("--task-chunk", type=int, default=0, help="algo.task_chunk (0: the algorithm's automatic choice)")
     p.add_argument("--device", default="auto")
     p.add_argument("--warmup", type=int, default=2)

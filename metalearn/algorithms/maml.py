@@ -37,11 +37,13 @@ meta-gradient up to float rounding (tests/test_maml_batched.py):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
 
 from metalearn.algorithms.base import Algorithm, Objective, ProblemInfo
 from metalearn.data.episodes import TaskBatch
@@ -60,23 +62,39 @@ class Config:
     first_order: bool = False  # FOMAML: ignore second derivatives
     batched: str = "auto"  # how tasks run: loop (one at a time) | fold (task_chunk at once) | auto (loop on CPU, else fold)
     task_chunk: int = 0  # fold: tasks per forward/backward; 0: 16 on CPU, the whole meta-batch on accelerators
+    checkpoint_inner: bool = False  # second order: recompute inner-step activations in the backward (less memory)
 
 
 CLASSIFICATION = Objective("classification")
 
 
-def adapt(net: nn.Module, params: dict, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float | dict,
-          create_graph: bool, objective: Objective = CLASSIFICATION) -> dict:
-    """``steps`` SGD steps on (x, y) from ``params``; differentiable w.r.t. params if create_graph.
+def sgd_steps(loss_of: Callable[[dict], torch.Tensor], params: dict, steps: int, lr: float | dict,
+              create_graph: bool, recompute: bool = False) -> dict:
+    """``steps`` SGD steps on ``loss_of(params)``; differentiable w.r.t. params if create_graph.
 
     ``lr`` is one number, or a dict of tensors shaped like the parameters (Meta-SGD's learned
-    rates; the result is differentiable w.r.t. them whatever create_graph says).
+    rates; the result is differentiable w.r.t. them whatever create_graph says). ``recompute``
+    (second order only) checkpoints each step: its activations are not kept for the outer
+    backward but recomputed there, so memory no longer grows with the inner steps (non-reentrant
+    ``torch.utils.checkpoint``, which supports the ``autograd.grad`` inside; same gradients).
     """
+    names = list(params)
+
+    def step(*values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        grads = torch.autograd.grad(loss_of(dict(zip(names, values))), values, create_graph=create_graph)
+        return tuple(p - (lr[n] if isinstance(lr, dict) else lr) * g for n, p, g in zip(names, values, grads))
+
+    values = tuple(params.values())
     for _ in range(steps):
-        loss = objective.loss(functional_call(net, params, (x,)), y)
-        grads = torch.autograd.grad(loss, tuple(params.values()), create_graph=create_graph)
-        params = {name: p - (lr[name] if isinstance(lr, dict) else lr) * g for (name, p), g in zip(params.items(), grads)}
-    return params
+        values = checkpoint(step, *values, use_reentrant=False) if recompute and create_graph else step(*values)
+    return dict(zip(names, values))
+
+
+def adapt(net: nn.Module, params: dict, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float | dict,
+          create_graph: bool, objective: Objective = CLASSIFICATION, recompute: bool = False) -> dict:
+    """``steps`` SGD steps of ``net`` on (x, y) from ``params`` (see ``sgd_steps``)."""
+    return sgd_steps(lambda p: objective.loss(functional_call(net, p, (x,)), y), params, steps, lr, create_graph,
+                     recompute)
 
 
 def finetune_and_score(net: nn.Module, batch: TaskBatch, steps: int, lr: float | dict,
@@ -122,16 +140,14 @@ def stack_tasks(params: dict, tasks: int) -> dict:
 
 
 def adapt_tasks(forward: BatchedForward, params: dict, x: torch.Tensor, y: torch.Tensor, steps: int,
-                lr: float | dict, create_graph: bool, objective: Objective = CLASSIFICATION) -> dict:
+                lr: float | dict, create_graph: bool, objective: Objective = CLASSIFICATION,
+                recompute: bool = False) -> dict:
     """``adapt`` for a batch of tasks at once: ``params`` stacked per task ({name: [T, *shape]}),
     x [T, n, ...]. The gradient of the *sum* of the task losses with respect to task t's weights is
     task t's own gradient (the other tasks do not depend on them), so each row takes its task's step.
     A dict ``lr`` ({name: [*shape]}, Meta-SGD) broadcasts over the tasks."""
-    for _ in range(steps):
-        loss = task_losses(objective, forward(params, x), y).sum()
-        grads = torch.autograd.grad(loss, tuple(params.values()), create_graph=create_graph)
-        params = {name: p - (lr[name] if isinstance(lr, dict) else lr) * g for (name, p), g in zip(params.items(), grads)}
-    return params
+    return sgd_steps(lambda p: task_losses(objective, forward(p, x), y).sum(), params, steps, lr, create_graph,
+                     recompute)
 
 
 def finetune_and_score_tasks(forward: BatchedForward, net: nn.Module, batch: TaskBatch, steps: int,
@@ -184,6 +200,8 @@ class MAML(Algorithm):
                               "use algo.batched=loop (or auto)")
         #: the batched forward of the net (models.functional), or None: the per-task loop
         self._batched_forward = forward
+        #: checkpoint the inner steps (second order): memory flat in inner_steps, one more forward per step
+        self.recompute = bool(getattr(cfg, "checkpoint_inner", False))
 
     def check_episode(self, ways: int, shots: int, queries: int) -> None:
         if self.objective.task == "classification" and ways != self.ways:
@@ -214,8 +232,8 @@ class MAML(Algorithm):
         params, lr = dict(self.net.named_parameters()), self.inner_lr()
         per_task: dict[str, list[torch.Tensor]] = {}
         for t in range(batch.num_tasks):
-            adapted = adapt(self.net, params, batch.support_x[t], batch.support_y[t],
-                            self.cfg.inner_steps, lr, create_graph=not self.cfg.first_order, objective=self.objective)
+            adapted = adapt(self.net, params, batch.support_x[t], batch.support_y[t], self.cfg.inner_steps, lr,
+                            create_graph=not self.cfg.first_order, objective=self.objective, recompute=self.recompute)
             outputs = functional_call(self.net, adapted, (batch.query_x[t],))
             loss = self.objective.loss(outputs, batch.query_y[t])
             # Backward per task: the mean's gradient accumulates in .grad and each graph is freed at once.
@@ -232,7 +250,8 @@ class MAML(Algorithm):
         for start in range(0, batch.num_tasks, chunk):
             part = batch[start:start + chunk]
             adapted = adapt_tasks(forward, stack_tasks(params, part.num_tasks), part.support_x, part.support_y,
-                                  self.cfg.inner_steps, lr, create_graph=not self.cfg.first_order, objective=self.objective)
+                                  self.cfg.inner_steps, lr, create_graph=not self.cfg.first_order, objective=self.objective,
+                                  recompute=self.recompute)
             outputs = forward(adapted, part.query_x)
             losses = task_losses(self.objective, outputs, part.query_y)
             # Backward per chunk: the gradients of the stacked copies sum into .grad of theta (expand's

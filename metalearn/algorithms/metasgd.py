@@ -37,6 +37,7 @@ class Config:
     first_order: bool = False  # ignore second derivatives through the inner gradient
     batched: str = "auto"  # how tasks run, as MAML's: loop | fold | auto (loop on CPU, else fold)
     task_chunk: int = 0  # fold: tasks per forward/backward; 0: 16 on CPU, the whole meta-batch on accelerators
+    checkpoint_inner: bool = False  # second order: recompute inner-step activations in the backward (less memory)
 
 
 class MetaSGD(MAML):
