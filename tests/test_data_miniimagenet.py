@@ -126,7 +126,7 @@ def test_cache_is_reused_then_rebuilt_when_a_pickle_changes(pickle_root, monkeyp
     root, _ = pickle_root
     miniimagenet.load(config(root))
     cache = root / "miniimagenet" / "cache"
-    assert sorted(p.name for p in cache.iterdir()) == ["test-84px-v1.pt", "train-84px-v1.pt", "val-84px-v1.pt"]
+    assert sorted(p.name for p in cache.iterdir()) == ["test-pickle-84px-v1.pt", "train-pickle-84px-v1.pt", "val-pickle-84px-v1.pt"]
 
     def no_decoding(*args):
         raise AssertionError("the cache should have been used")
@@ -151,7 +151,7 @@ def test_a_different_image_size_builds_its_own_cache(pickle_root):
     root, _ = pickle_root
     assert miniimagenet.load(config(root))["train"].input_shape == (3, 84, 84)
     assert miniimagenet.load(config(root, image_size=32))["train"].input_shape == (3, 32, 32)
-    assert (root / "miniimagenet" / "cache" / "train-32px-v1.pt").is_file()
+    assert (root / "miniimagenet" / "cache" / "train-pickle-32px-v1.pt").is_file()
 
 
 def test_images_form_reads_the_csvs_and_the_jpegs(tmp_path):

@@ -125,9 +125,9 @@ def test_png_form_gives_classes_pixels_and_a_memory_map(png_root):
             assert torch.equal(store.images[start : start + PER_CLASS], class_images(images, labels, c))
         # The images stay in the cache file, mapped, not read into memory.
         if Path("/proc/self/maps").is_file():
-            npy = root / "tieredimagenet" / "cache" / f"{split}-84px-v1.npy"
+            npy = root / "tieredimagenet" / "cache" / f"{split}-png-rgb-84px-v1.npy"
             assert mapped_file(store.images) == os.path.realpath(npy)
-    assert cache_files(root) == [f"{s}-84px-v1.{ext}" for s in ("test", "train", "val") for ext in ("npy", "pt")]
+    assert cache_files(root) == [f"{s}-png-rgb-84px-v1.{ext}" for s in ("test", "train", "val") for ext in ("npy", "pt")]
 
 
 def test_npz_form_is_read_as_bgr_unless_told_rgb(tmp_path):
@@ -215,7 +215,7 @@ def test_cache_is_reused_and_rebuilt_when_stale(png_root, monkeypatch):
     assert torch.equal(store.images[:PER_CLASS], class_images(images, labels, 1))
 
     # A deleted images cache is rebuilt even though its index is still there.
-    (folder / "cache" / "test-84px-v1.npy").unlink()
+    (folder / "cache" / "test-png-rgb-84px-v1.npy").unlink()
     images, labels = splits["test"]
     assert torch.equal(tieredimagenet.load(config(root))["test"].images[:PER_CLASS], class_images(images, labels, 0))
     assert not [name for name in cache_files(root) if ".tmp-" in name]
@@ -333,4 +333,4 @@ def test_train_cli_end_to_end_on_png_files(tmp_path, cli):
     ], tmp_path)
     assert proc.returncode == 0, cli.describe(proc)
     assert (run_dir / "results.json").is_file()
-    assert (tmp_path / "data" / "tieredimagenet" / "cache" / "train-28px-v1.npy").is_file()
+    assert (tmp_path / "data" / "tieredimagenet" / "cache" / "train-png-rgb-28px-v1.npy").is_file()

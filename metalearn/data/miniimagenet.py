@@ -151,7 +151,8 @@ def _split_cache(folder: Path, split: str, form: str, files: dict[str, Path], si
         # images are added, removed or renamed), so a replaced source is not read from an old cache.
         "sources": file_signature(*split_files),
     }
-    path = folder / "cache" / f"{split}-{size}px-v{_CACHE_VERSION}.pt"
+    # The form is in the name: switching data.form must not overwrite (and later rebuild) the other's cache.
+    path = folder / "cache" / f"{split}-{form}-{size}px-v{_CACHE_VERSION}.pt"
     return cached(path, meta, build, f"miniImageNet {split}")
 
 

@@ -116,7 +116,8 @@ def _split_files(folder: Path, split: str, form: str) -> tuple[str, Path, Path]:
 def _split_cache(folder: Path, split: str, form: str, images: Path, labels: Path, channels: str,
                  size: int) -> tuple[dict, torch.Tensor]:
     """The split's index (labels, class names) and its memory-mapped images, building both if stale."""
-    stem = folder / "cache" / f"{split}-{size}px-v{_CACHE_VERSION}"
+    # Form and channel order are in the name: switching either must not overwrite a 16 GB cache.
+    stem = folder / "cache" / f"{split}-{form}-{channels}-{size}px-v{_CACHE_VERSION}"
     npy = stem.with_suffix(".npy")
     meta = {
         "version": _CACHE_VERSION,
