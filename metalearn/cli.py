@@ -195,7 +195,7 @@ def data_command(args: list[str]) -> int:
     for path in sources:
         print(f"  {_describe_path(path)}")
     if not sources:
-        print("  (no files: generated on the fly)")
+        print("  (no files: generated on the fly)" if not hasattr(cfg, "root") else "  (no files: see the data.* options)")
     if action == "info" and hasattr(cfg, "download"):
         cfg = dataclasses.replace(cfg, download=False)  # info only looks
     try:
