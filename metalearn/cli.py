@@ -183,12 +183,17 @@ def data_command(args: list[str]) -> int:
     from metalearn.data import dataset_module
     from metalearn.errors import MetalearnError
 
-    if not args or args[0] not in ("info", "prepare") or any(a.startswith("-") or "," in a for a in args[1:]):
+    if not args or args[0] not in ("info", "prepare") or any(a.startswith("-") for a in args[1:]):
         fail("usage: metalearn data info|prepare data=<name> [data.<key>=<value> ...] (no flags, no sweeps)")
     action, overrides = args[0], args[1:]
     _precheck("train", overrides)
-    with initialize_config_module(config_module="metalearn.conf", version_base="1.3"):
-        cfg = to_run_config(compose("config", overrides=overrides)).data
+    from hydra.errors import HydraException
+
+    try:
+        with initialize_config_module(config_module="metalearn.conf", version_base="1.3"):
+            cfg = to_run_config(compose("config", overrides=overrides)).data
+    except HydraException as e:  # e.g. a sweep (a,b), which a data command cannot take
+        fail(f"{str(e).splitlines()[0]}; 'metalearn data' takes one value per key, no sweeps")
     module = dataset_module(cfg.name)
     sources = module.sources(cfg) if hasattr(module, "sources") else []
     print(f"dataset {cfg.name}")
