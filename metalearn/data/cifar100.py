@@ -14,6 +14,7 @@ later loads read only that file, rebuilt when the archive changes.
 
 from __future__ import annotations
 
+import csv
 import gzip
 import io
 import logging
@@ -21,11 +22,13 @@ import pickle
 import tarfile
 import zlib
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from metalearn.data import SPLITS
 from metalearn.data.common import (
     DataUnpickler, ImageConfig, cached, check_image_config, class_subset, dataset_dir, fetch, file_signature, first_line,
     text,
@@ -187,3 +190,12 @@ def _pixels(batch: dict) -> np.ndarray:
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * NATIVE_SIZE**2:
         raise ValueError(f"'data' is not a uint8 array [N, {3 * NATIVE_SIZE ** 2}]")
     return data
+
+
+def read_split(filename: str, column: str) -> dict[str, list[str]]:
+    """``{"train"|"val"|"test": [names]}`` from a split CSV in ``metalearn/data/splits/`` (columns split, ``column``)."""
+    text = (resources.files("metalearn.data") / "splits" / filename).read_text()
+    split: dict[str, list[str]] = {name: [] for name in SPLITS}
+    for row in csv.DictReader(line for line in text.splitlines() if not line.startswith("#")):
+        split[row["split"]].append(row[column])
+    return split

@@ -10,12 +10,10 @@ Normalisation uses CIFAR-100's per-channel mean and std.
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
-from metalearn.data import SPLITS, cifar100
+from metalearn.data import cifar100
 from metalearn.data.episodes import ClassStore
 
 
@@ -34,8 +32,4 @@ def sources(cfg: Config) -> list[Path]:
 
 def bertinetto_split() -> dict[str, list[str]]:
     """``{"train"|"val"|"test": [CIFAR-100 fine class names]}`` of the CIFAR-FS split."""
-    text = (resources.files("metalearn.data") / "splits" / "cifarfs_bertinetto.csv").read_text()
-    split: dict[str, list[str]] = {name: [] for name in SPLITS}
-    for row in csv.DictReader(line for line in text.splitlines() if not line.startswith("#")):
-        split[row["split"]].append(row["class"])
-    return split
+    return cifar100.read_split("cifarfs_bertinetto.csv", "class")

@@ -13,12 +13,10 @@ Normalisation uses CIFAR-100's per-channel mean and std.
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
-from metalearn.data import SPLITS, cifar100
+from metalearn.data import cifar100
 from metalearn.data.episodes import ClassStore
 from metalearn.errors import DataError
 
@@ -56,11 +54,7 @@ def sources(cfg: Config) -> list[Path]:
 
 def oreshkin_split() -> dict[str, list[str]]:
     """``{"train"|"val"|"test": [CIFAR-100 superclass names]}`` of the FC100 split."""
-    text = (resources.files("metalearn.data") / "splits" / "fc100_oreshkin.csv").read_text()
-    split: dict[str, list[str]] = {name: [] for name in SPLITS}
-    for row in csv.DictReader(line for line in text.splitlines() if not line.startswith("#")):
-        split[row["split"]].append(row["superclass"])
-    return split
+    return cifar100.read_split("fc100_oreshkin.csv", "superclass")
 
 
 def _fine_classes_by_superclass(data: dict) -> dict[str, list[str]]:

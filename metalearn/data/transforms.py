@@ -62,6 +62,13 @@ class EpisodeTransform:
                  augment: AugmentConfig | None = None):
         self.mean, self.std = mean, std
         self.augment = augment if augment is not None and augment.enabled else None
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """mean and std as [1, C, 1, 1] tensors on ``device``, made once: no host copy per episode."""
+        if device not in self._on:
+            self._on[device] = tuple(torch.tensor(v, device=device).view(1, -1, 1, 1) for v in (self.mean, self.std))
+        return self._on[device]
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         shape = images.shape
@@ -69,8 +76,7 @@ class EpisodeTransform:
         if self.augment is not None:
             x = _augment(x, self.augment, generator)
         if self.mean is not None:
-            mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
-            std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+            mean, std = self._stats(x.device)
             x = (x - mean) / std
         return x.reshape(shape)
 
