@@ -18,17 +18,19 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from metalearn import __version__
+from metalearn import __version__, sweeps  # sweeps: the resolvers of conf/hparams_search
+from metalearn import hostmem
 
 log = logging.getLogger("metalearn")
 
 OmegaConf.register_new_resolver("metalearn_run_dir", lambda resume, default: resume if resume else default, replace=True)
-OmegaConf.register_new_resolver("metalearn_output_subdir", lambda resume: None if resume else ".hydra", replace=True)
+OmegaConf.register_new_resolver("metalearn_output_subdir", sweeps.output_subdir, replace=True)
 
 COMMANDS = {
     "train": "meta-train a few-shot learner: TensorBoard logs, checkpoints, test accuracy +- 95% CI",
     "eval": "evaluate a trained run on test episodes: accuracy +- 95% CI",
     "data": "'data info data=<name>': what is on disk; 'data prepare data=<name>': download and cache it",
+    "report": "'report <run or sweep dir>': compare runs (seeds aggregated): report.md, report.csv, plots",
 }
 
 USAGE = f"""usage: metalearn <command> [key=value ...] [hydra flags]
@@ -42,6 +44,7 @@ examples:
   metalearn train resume=outputs/<date>/<time>
   metalearn eval run=outputs/<date>/<time> shots=5
   metalearn data prepare data=cifarfs data.root=/data
+  metalearn report outputs/multirun/<date>/<time>
 
 'metalearn <command> --help' lists that command's config groups and options;
 'metalearn train --cfg job' prints the composed config.
@@ -79,19 +82,26 @@ def _resume_config(cfg: DictConfig):
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def train_app(cfg: DictConfig) -> float | None:
-    from metalearn import engine
+    from metalearn import distributed, engine
     from metalearn.config import to_run_config
     from metalearn.errors import MetalearnError
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    sweep_job = sweeps.in_multirun()  # a failed job must not end the sweep; an earlier attempt is continued
     try:
         run_cfg, ckpt = _resume_config(cfg) if cfg.resume else (to_run_config(cfg), None)
-        results = engine.train(run_cfg, run_dir, resume_from=ckpt)
+        distributed.current().share_job(run_cfg, run_dir, cfg.resume)  # under torchrun: the other ranks follow
+        results = (sweeps.train_job(run_cfg, run_dir, resume_from=ckpt) if sweep_job
+                   else engine.train(run_cfg, run_dir, resume_from=ckpt))
     except MetalearnError as e:
+        if sweep_job:
+            return sweeps.job_failed(run_dir, e)
         _remove_if_unused(run_dir, resumed=bool(cfg.resume))
         fail(e, e.exit_code)
     except engine.Stopped as s:
         print(f"metalearn: {s}", file=sys.stderr)
+        if sweep_job and s.exit_code == 0:  # trainer.stop_at: the sweep goes on to its next job
+            return None
         sys.exit(s.exit_code)
     engine.print_results(results)
     print(f"results: {run_dir / 'results.json'}")
@@ -284,10 +294,19 @@ def _precheck(command: str, args: list[str]) -> None:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as e:
         fail(ConfigError(str(e).splitlines()[0].rstrip(".") + "; overrides look like key=value"))
+    if "-m" not in args and "--multirun" not in args and any(o.get_key_element() == "hparams_search" for o in parsed):
+        fail(ConfigError("hparams_search=... is an Optuna search, which runs as a sweep: add -m "
+                         "(metalearn train -m hparams_search=<preset> ...)"))
     first = []
     for o in parsed:
         key = o.get_key_element()
-        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
+        if o.is_interval_sweep():  # an Optuna search range: checked at its lower end
+            if not any(p.get_key_element() in ("hparams_search", "hydra/sweeper") for p in parsed):
+                fail(ConfigError(f"'{o.input_line}' is a search range, which only the Optuna sweeper takes: add "
+                                 "hparams_search=<preset> (or hydra/sweeper=optuna), or list values (a,b,c)"))
+            values = [o.value().start]
+        else:
+            values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
         group = conf_dir / key.lstrip("+~")
         # Checked here because Hydra silently skips a misspelt option of an optional group (experiment).
         if group.is_dir() and not key.startswith("hydra"):
@@ -315,7 +334,18 @@ def _precheck(command: str, args: list[str]) -> None:
 
 
 def _choices(group: Path) -> list[str]:
-    return sorted(p.stem for p in group.glob("*.yaml"))
+    """The options of a config group: its YAML files, and for Hydra's own groups (hydra/launcher,
+    hydra/sweeper) the ones installed plugins registered."""
+    names = {p.stem for p in group.glob("*.yaml")}
+    parts = group.relative_to(Path(__file__).parent / "conf").parts
+    if parts[:1] == ("hydra",):
+        from hydra.core.config_store import ConfigStore
+
+        node = ConfigStore.instance().repo
+        for part in parts:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        names |= {k.removesuffix(".yaml") for k, v in node.items() if not isinstance(v, dict)}
+    return sorted(names)
 
 
 def _hydra_error_line(message: str, conf_dir: Path, config_name: str, overrides: list[str]) -> str:
@@ -324,7 +354,10 @@ def _hydra_error_line(message: str, conf_dir: Path, config_name: str, overrides:
     if first.startswith("In '") and "Could not find '" in first:
         wanted = first.split("Could not find '", 1)[1].split("'", 1)[0]
         group, _, option = wanted.rpartition("/")
-        if (conf_dir / group).is_dir():
+        if f"{group}/{option}" in sweeps.EXTRAS:  # a launcher or sweeper plugin that is not installed
+            extra = sweeps.EXTRAS[f"{group}/{option}"]
+            return f"{group}={option} needs the {extra} extra: pip install \"metalearn[{extra}]\""
+        if (conf_dir / group).is_dir() or group.startswith("hydra/"):
             return f"unknown {group} {option!r}; choose one of: {', '.join(_choices(conf_dir / group))}"
     if first.startswith("Could not override '") or first.startswith("Could not append"):
         key = first.split("'", 2)[1]
@@ -346,6 +379,8 @@ def _complete(args: list[str]) -> int:
     line = os.environ.get("COMP_LINE", "")
     words = line.split()
     typed_command = len(words) >= 2 and words[1] in APPS and (len(words) > 2 or line.endswith(" "))
+    if len(words) >= 2 and words[1] == "report" and (len(words) > 2 or line.endswith(" ")):
+        return 0  # no suggestions: the shell completes directory names
     if typed_command:
         os.environ["COMP_LINE"] = " ".join([words[0], *words[2:]]) + (" " if line.endswith(" ") else "")
         sys.argv = [sys.argv[0], *args]
@@ -371,6 +406,11 @@ def main(argv: list[str] | None = None) -> int:
     if args[0] in ("-sc", "--shell-completion"):
         return _complete(args)
     command, rest = args[0], args[1:]
+    hostmem.retain_freed_memory()  # a process setting: freed activations stay for the next task (hostmem.py)
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):  # a torchrun worker: see metalearn/distributed.py
+        from metalearn import distributed
+
+        return distributed.main(command, rest, _run_app)
     if command == "data":
         from metalearn.errors import MetalearnError
 
@@ -378,16 +418,46 @@ def main(argv: list[str] | None = None) -> int:
             return data_command(rest)
         except MetalearnError as e:
             fail(e, e.exit_code)
+    if command == "report":  # a directory argument, not a Hydra app
+        from metalearn.errors import MetalearnError
+        from metalearn.report import report_command
+
+        try:
+            return report_command(rest)
+        except MetalearnError as e:
+            fail(e, e.exit_code)
     if command not in APPS:
         fail(f"unknown command {command!r}; choose one of: {', '.join(COMMANDS)} (see metalearn --help)")
+    return _run_app(command, rest)
+
+
+def _run_app(command: str, rest: list[str]) -> int:
     _precheck(command, rest)
     sys.argv = [sys.argv[0], *(_sweep_dir_names(rest) if command == "train" else rest)]
     try:
-        APPS[command]()
+        with sweeps.sweeper_errors_raised(command, rest):
+            APPS[command]()
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once, without a checkpoint
+        sweeps.report()
         print("metalearn: interrupted", file=sys.stderr)
         return 130
-    return 0
+    except SystemExit:
+        sweeps.report()  # the jobs of a sweep that failed before Hydra stopped it
+        raise
+    except Exception as error:  # a sweep only (sweeps.sweeper_errors_raised): what stopped the sweeper
+        from hydra.errors import HydraException
+
+        from metalearn.errors import ConfigError
+
+        if sweeps.report() and sweeps.no_trial_finished(error):
+            return 1  # an Optuna search whose every trial failed has no best trial: the failures say why
+        if isinstance(error, HydraException):  # e.g. a later job's combination of overrides does not compose
+            line = str(error).splitlines()[0].rstrip(".")
+            hint = ("; a key that only some of the swept options have (algo.inner_lr) cannot be swept across the "
+                    "others: sweep it per option") if line.startswith("Could not override") else ""
+            fail(ConfigError(f"a job of this sweep: {line}{hint}"))
+        raise
+    return sweeps.report()  # a sweep with failed jobs ends non-zero, naming them
 
 
 if __name__ == "__main__":

@@ -26,6 +26,9 @@ from metalearn.models import BACKBONES, backbone_module
 class DeviceConfig:
     type: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     data_on_device: bool = True  # keep the dataset on the accelerator and sample episodes there
+    # fp32 | bf16: meta-steps and evaluation under bfloat16 autocast (convolutions and matmuls in bf16;
+    # the meta-parameters, the optimizer and the losses stay float32)
+    precision: str = "fp32"
 
 
 @dataclass

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from metalearn import __version__, checkpoint
+from metalearn import __version__, checkpoint, distributed
 from metalearn.algorithms import ALGORITHMS, Algorithm, ProblemInfo, algorithm_module
 from metalearn.config import RunConfig, flat, to_dict
 from metalearn.data import ClassStore, TaskBatch, dataset_module
@@ -31,7 +31,7 @@ from metalearn.data.common import episode_transforms
 from metalearn.errors import ConfigError, TrainingError
 from metalearn.fileio import atomic_write_json
 from metalearn.models import backbone_module
-from metalearn.tracking import TensorBoard, hparam_metrics
+from metalearn.tracking import NoTensorBoard, TensorBoard, hparam_metrics
 
 log = logging.getLogger("metalearn")
 
@@ -56,6 +56,20 @@ def resolve_device(kind: str) -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("device=mps but MPS is not available here; use device=auto or device=cpu")
     return device
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def autocast(device: torch.device, precision: str):
+    """The context meta-steps and evaluations run in: plain float32, or bfloat16 autocast."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"device.precision={precision!r} is not one of: {', '.join(PRECISIONS)}")
+    try:
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    except RuntimeError as e:  # e.g. a GPU without bfloat16 (before Ampere)
+        raise ConfigError(f"device.precision=bf16 is not supported on {device}: {str(e).splitlines()[0]}; "
+                          "use device.precision=fp32") from None
 
 
 def seed_everything(seed: int) -> None:
@@ -88,7 +102,7 @@ def load_data(cfg: RunConfig, device: torch.device) -> dict[str, ClassStore]:
 def build_algorithm(cfg: RunConfig, train_store: ClassStore) -> Algorithm:
     backbone = backbone_module(cfg.backbone.name).build(cfg.backbone, train_store.input_shape)
     info = ProblemInfo(input_shape=train_store.input_shape, ways=cfg.ways, num_train_classes=train_store.num_classes,
-                       task=train_store.task, output_size=getattr(train_store, "output_size", None))
+                       task=train_store.task, output_size=getattr(train_store, "output_size", None), shots=cfg.shots)
     algo = algorithm_module(cfg.algo.name).build(cfg.algo, backbone, info)
     if info.task not in algo.tasks:
         able = [name for name in ALGORITHMS if info.task in _algorithm_tasks(name)]
@@ -96,6 +110,9 @@ def build_algorithm(cfg: RunConfig, train_store: ClassStore) -> Algorithm:
                           f"is {info.task}; use one of: {', '.join(able)}")
     algo.check_episode(cfg.ways, cfg.shots, cfg.queries)
     algo.check_episode(cfg.eval.ways, cfg.eval.shots, cfg.eval.queries)
+    if not any(p.requires_grad for p in algo.parameters()):  # e.g. protonet with backbone=identity
+        raise ConfigError(f"algo={cfg.algo.name} with backbone={cfg.backbone.name} has nothing to meta-train; "
+                          "use a backbone with weights (backbone=mlp for vectors)")
     return algo
 
 
@@ -133,37 +150,48 @@ def mean_ci95(values: torch.Tensor) -> dict[str, float]:
 
 def evaluate(algo: Algorithm, store: ClassStore, ways: int, shots: int, queries: int,
              episodes: int, batch_size: int, seed: int, device: torch.device,
-             between_batches: Callable[[], None] | None = None) -> dict[str, dict[str, float]]:
+             between_batches: Callable[[], None] | None = None,
+             group: distributed.Group = distributed.SINGLE, precision: str = "fp32") -> dict[str, dict[str, float]]:
     """Mean and 95% CI of every metric over ``episodes`` fixed episodes (fixed by ``seed``).
 
     ``between_batches`` is called before each batch (the trainer raises from it to stop early).
+    With several processes (``group``) the batches go round-robin to the ranks, and every rank
+    gets the metrics of all episodes in episode order: the numbers of a single process.
     """
     was_training = algo.training
     algo.eval()
-    per_task: dict[str, list[torch.Tensor]] = {}
+    mine: list[tuple[int, dict[str, torch.Tensor]]] = []
     # Episodes are drawn one at a time, so the episode stream (and the result) does not depend on batch_size.
     sampler = store.sampler(ways, shots, queries, 1, seed)
+    starts = range(0, episodes, batch_size)
     try:
-        for start in range(0, episodes, batch_size):
+        for first in range(0, len(starts), group.world_size):  # a round: one batch per rank
             if between_batches is not None:
                 between_batches()
-            batch = TaskBatch.cat([sampler.sample() for _ in range(min(batch_size, episodes - start))]).to(device)
-            for k, v in algo.evaluate(batch).items():
-                per_task.setdefault(k, []).append(v.detach())
+            for i in range(first, min(first + group.world_size, len(starts))):
+                tasks = [sampler.sample() for _ in range(min(batch_size, episodes - starts[i]))]
+                if i % group.world_size == group.rank:
+                    with autocast(device, precision):
+                        metrics = algo.evaluate(TaskBatch.cat(tasks).to(device))
+                    mine.append((i, {k: v.detach().float() for k, v in metrics.items()}))
     finally:
         algo.train(was_training)
-    return {k: mean_ci95(torch.cat(v)) for k, v in per_task.items()}
+    if group.world_size > 1:  # every rank gets every batch's metrics (on the CPU, to travel)
+        mine = [(i, {k: v.cpu() for k, v in m.items()}) for i, m in mine]
+    batches = sorted((b for rank in group.gather(mine) for b in rank), key=lambda b: b[0])
+    return {k: mean_ci95(torch.cat([m[k] for _, m in batches])) for k in (batches[0][1] if batches else {})}
 
 
 def score_checkpoint(algo: Algorithm, path: Path, cfg: RunConfig, test_store: ClassStore, seed: int,
-                    device: torch.device, between_batches: Callable[[], None] | None = None) -> dict:
+                    device: torch.device, between_batches: Callable[[], None] | None = None,
+                    group: distributed.Group = distributed.SINGLE) -> dict:
     """Load the weights saved at ``path`` into ``algo`` and score them on ``cfg.trainer.test_episodes``
     episodes of ``cfg.eval``'s shape drawn with ``seed``: what the trainer's test and ``metalearn eval`` report."""
     ckpt = checkpoint.load(path)
     checkpoint.load_model_state(algo, ckpt["model"], path)
     e = cfg.eval
     metrics = evaluate(algo, test_store, e.ways, e.shots, e.queries, cfg.trainer.test_episodes, e.batch_size, seed,
-                       device, between_batches=between_batches)
+                       device, between_batches=between_batches, group=group, precision=cfg.device.precision)
     return {"test": metrics, "checkpoint": str(path), "checkpoint_step": ckpt["step"],
             "episode": {"ways": e.ways, "shots": e.shots, "queries": e.queries, "task": test_store.task}, "seed": seed}
 
@@ -244,10 +272,14 @@ class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: Path, resume_from: dict | None = None):
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.device = resolve_device(cfg.device.type)
+        self.group = distributed.current()  # one process, or this rank of a torchrun job
+        self.group.check(cfg.meta_batch_size)
+        self.device = self.group.device(resolve_device(cfg.device.type))
+        autocast(self.device, cfg.device.precision)  # an unknown precision fails here, before any work
         seed_everything(cfg.seed)
-        self.stores = load_data(cfg, self.device)
+        self.stores = self.group.main_first(lambda: load_data(cfg, self.device))  # one process builds caches
         self.algo = build_algorithm(cfg, self.stores["train"]).to(self.device)
+        self.group.broadcast_module(self.algo)
         self.optimizer, self.scheduler = build_optimizer(cfg, self.algo.parameters())
         self.sampler = self.stores["train"].sampler(cfg.ways, cfg.shots, cfg.queries, cfg.meta_batch_size, cfg.seed,
                                                     training=True)
@@ -261,10 +293,12 @@ class Trainer:
             except (RuntimeError, ValueError):
                 raise ConfigError("this run's episode sampler ran on another kind of device; resume it with the "
                                   "device it was trained on (device=cpu or device=cuda)") from None
-            checkpoint.set_rng_state(resume_from["rng"])
+            self.group.restore_rng(resume_from, cfg.seed)
             self.step, self.best = resume_from["step"], Best(**resume_from["best"])
             self.val_pending = resume_from.get("val_pending", False)
             log.info("resumed %s at step %d", self.run_dir, self.step)
+        else:
+            self.group.seed_rank(cfg.seed)
         self.stop: dict[str, Any] = {"signal": None}
 
     # ------------------------------------------------------------ pieces
@@ -272,22 +306,27 @@ class Trainer:
     def save(self, name: str, val_pending: bool = False) -> None:
         if not all(bool(torch.isfinite(p).all()) for p in self.algo.parameters()):
             raise self._diverged(f"the meta-parameters became NaN/inf by step {self.step}")
-        checkpoint.save(
-            self.ckpt_dir / f"{name}.pt", step=self.step, model=self.algo.state_dict(),
-            optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
-            sampler=self.sampler.state_dict(), rng=checkpoint.rng_state(),
-            best={"value": self.best.value, "step": self.best.step}, val_pending=val_pending,
-            metric=self.algo.primary_metric, config=to_dict(self.cfg),
-        )
+        rng = self.group.rng_states()  # every rank's, so that each continues its own stream on resume
+        if self.group.is_main:
+            checkpoint.save(
+                self.ckpt_dir / f"{name}.pt", step=self.step, model=self.algo.state_dict(),
+                optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+                sampler=self.sampler.state_dict(), rng=rng[0], **({"rng_ranks": rng} if len(rng) > 1 else {}),
+                best={"value": self.best.value, "step": self.best.step}, val_pending=val_pending,
+                metric=self.algo.primary_metric, config=to_dict(self.cfg),
+            )
+        self.group.barrier()  # the others read best.pt for the test
 
     def _check_stop(self) -> None:
-        if self.stop["signal"] is not None:
+        signum = self.stop["signal"] = self.group.agree_signal(self.stop["signal"])
+        if signum is not None:
             raise _Interrupted
 
     def evaluate(self, split: str, episodes: int, seed: int) -> dict[str, dict[str, float]]:
         e = self.cfg.eval
         return evaluate(self.algo, self.stores[split], e.ways, e.shots, e.queries, episodes, e.batch_size, seed,
-                        self.device, between_batches=self._check_stop)
+                        self.device, between_batches=self._check_stop, group=self.group,
+                        precision=self.cfg.device.precision)
 
     def validate(self, tb: TensorBoard) -> None:
         val = self.evaluate("val", self.cfg.trainer.val_episodes, self.cfg.trainer.eval_seed)
@@ -303,7 +342,8 @@ class Trainer:
     def test(self) -> dict:
         """Evaluate the best-validation weights on ``trainer.test_episodes`` fixed test episodes."""
         results = score_checkpoint(self.algo, self.ckpt_dir / "best.pt", self.cfg, self.stores["test"],
-                                  self.cfg.trainer.eval_seed + 1, self.device, between_batches=self._check_stop)
+                                  self.cfg.trainer.eval_seed + 1, self.device, between_batches=self._check_stop,
+                                  group=self.group)
         return {**results,
                 "best_val": {"metric": self.algo.primary_metric, "value": self.best.value, "step": self.best.step},
                 "steps": self.cfg.steps, "run_dir": str(self.run_dir), "version": __version__}
@@ -317,26 +357,28 @@ class Trainer:
     def _stopped(self, what: str) -> Stopped:
         sig = self.stop["signal"]
         how = "interrupted" if sig is not None else f"stopped at trainer.stop_at={self.cfg.trainer.stop_at}"
-        return Stopped(f"{how}{what}: saved step {self.step}; continue with: metalearn train resume={self.run_dir}",
-                       128 + sig if sig is not None else 0)
+        return Stopped(f"{how}{what}: saved step {self.step}; continue with: "
+                       f"{self.group.command} train resume={self.run_dir}", 128 + sig if sig is not None else 0)
 
     # ------------------------------------------------------------ the loop
 
     def fit(self) -> dict:
         cfg, t, algo = self.cfg, self.cfg.trainer, self.algo
         params = list(algo.parameters())
-        tb = TensorBoard(self.run_dir, purge_step=self.step + 1 if self.step else None)
+        tb = TensorBoard(self.run_dir, purge_step=self.step + 1 if self.step else None) if self.group.is_main \
+            else NoTensorBoard()  # rank 0 writes for all
         if self.step == 0:
             tb.hparams({k: v for k, v in flat(to_dict(cfg)).items()
                         if not k.startswith(("trainer.", "device.", "data.root", "resume"))},
                        hparam_metrics(algo.primary_metric))
         episodes = (f"{cfg.ways}-way {cfg.shots}-shot" if self.stores["train"].task == "classification"
                     else f"regression, {cfg.shots}-shot")
+        where = f"{self.device} x {self.group.world_size} processes" if self.group.world_size > 1 else self.device
         log.info("%s on %s (%s, %s, %d parameters) on %s -> %s", cfg.algo.name, cfg.data.name,
-                 cfg.backbone.name, episodes, sum(p.numel() for p in params), self.device, self.run_dir)
+                 cfg.backbone.name, episodes, sum(p.numel() for p in params), where, self.run_dir)
         window = _Window(self.step)
         bar = tqdm(total=cfg.steps, initial=self.step, desc="meta-train", unit="step", dynamic_ncols=True,
-                   disable=None if t.progress else True, leave=False)
+                   disable=None if t.progress and self.group.is_main else True, leave=False)
         try:
             with stop_requests() as self.stop:
                 algo.train()
@@ -347,7 +389,9 @@ class Trainer:
                     self.step += 1
                     bar.update()
                     step, last = self.step, self.step == cfg.steps
-                    stopping = self.stop["signal"] is not None or step == t.stop_at
+                    # Decided on a value every rank agrees on (a signal may reach the ranks at different steps).
+                    signum = self.stop["signal"] = self.group.agree_signal(self.stop["signal"])
+                    stopping = signum is not None or step == t.stop_at
                     saving = step % t.ckpt_every == 0 or last or stopping
                     if step % t.log_every == 0 or saving:
                         self._log_train(window, tb, bar)
@@ -365,17 +409,20 @@ class Trainer:
                     raise self._stopped(" during the final test") from None
             tb.scalars(cfg.steps, {f"test/{k}": v["mean"] for k, v in results["test"].items()})
             tb.scalars(cfg.steps, {f"test/{k}_ci95": v["ci95"] for k, v in results["test"].items()})
-            atomic_write_json(self.run_dir / "results.json", results)
+            if self.group.is_main:
+                atomic_write_json(self.run_dir / "results.json", results)
             return results
         finally:
             bar.close()
             tb.close()
 
     def _meta_step(self, params: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        batch = self.sampler.sample().to(self.device)
+        batch = self.group.tasks(self.sampler.sample()).to(self.device)  # this rank's share of the meta-batch
         self.algo.begin_step(self.step, self.cfg.steps)
         self.optimizer.zero_grad(set_to_none=True)
-        metrics = self.algo.meta_step(batch)
+        with autocast(self.device, self.cfg.device.precision):
+            metrics = self.algo.meta_step(batch)
+        self.group.average_gradients(params)  # several processes: the gradient of the whole meta-batch
         if self.cfg.optim.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)
         self.optimizer.step()
@@ -384,7 +431,7 @@ class Trainer:
 
     def _log_train(self, window: "_Window", tb: TensorBoard, bar: tqdm) -> None:
         """Mean train metrics since the last log (the one host sync), NaN check, scalars."""
-        means = window.means()
+        means = self.group.mean(window.means())  # over the whole meta-batch: every rank sees the same NaN
         if not all(math.isfinite(v) for v in means.values()):
             raise self._diverged(f"the training loss became NaN/inf between steps {window.first} and {self.step}")
         rate = window.steps * self.cfg.meta_batch_size / window.seconds()

@@ -40,3 +40,19 @@ class TensorBoard:
 
     def close(self) -> None:
         self.writer.close()
+
+
+class NoTensorBoard:
+    """Writes nothing: the TensorBoard of a process that is not rank 0 of a torchrun job."""
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        pass
+
+    def hparams(self, params: dict[str, Any], metrics: tuple[str, ...]) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

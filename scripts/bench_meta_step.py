@@ -1,7 +1,8 @@
-"""The engine's meta-step side by side with a plain per-task MAML loop (issue #5).
+"""The engine's meta-step side by side with a plain per-task loop (issue #5).
 
     python scripts/bench_meta_step.py --algo maml --ways 5 --shots 1 --queries 15 --meta-batch-size 32 \\
         --threads 2 --batched auto,loop --out bench.json
+    python scripts/bench_meta_step.py --algo protonet --batched loop,fold
     python scripts/bench_meta_step.py --device cuda --out bench_cuda.json
 
 Side A is the engine: ``algo.meta_step(batch)`` and an Adam step, built through
@@ -10,7 +11,10 @@ glyphs episodes), once per ``--batched`` value (algo.batched: auto, loop, fold).
 Side B, the reference, is written here independently of metalearn.algorithms:
 a plain conv4 (conv, BatchNorm with batch statistics, ReLU, max-pool), and for
 each task ``torch.func.functional_call`` + ``torch.autograd.grad`` (second
-order unless --first-order), then the query loss's backward, then Adam.
+order unless --first-order), then the query loss's backward, then Adam. For
+``--algo protonet``: per task, embed, class means, softmax over negative
+squared distances, backward; ``--batched loop|fold`` runs the engine's
+backbone task by task or all tasks as one batch.
 
 * Timing: both sides run on the same batches, alternating A/B/A/B after warm-up,
   in one process; medians of ``--repeats``; the ratio is reference time / engine
@@ -18,13 +22,19 @@ order unless --first-order), then the query loss's backward, then Adam.
 * Gradients: from identical weights and one batch, the engine's meta-gradient
   against the reference's (max abs difference, and relative to the largest
   gradient entry: conv biases before BatchNorm have gradients that are zero up
-  to rounding, so entry-wise ratios would mean nothing). maml and metasgd only.
+  to rounding, so entry-wise ratios would mean nothing). maml, metasgd, protonet.
 * Memory: each side runs two steps in a subprocess of its own, which reports the
   growth of its peak memory over them: CPU: peak resident set (VmHWM, reset
   before the steps; tracemalloc does not see torch's allocations); CUDA:
   torch.cuda.max_memory_allocated.
 * Sampler: episodes/s of the glyphs sampler alone, and its share of an engine
   meta-step (goal: under 2%).
+* Host memory (CPU): ``metalearn`` keeps freed memory for reuse (metalearn/hostmem.py),
+  a plain script does not. ``--host-memory both`` (the default) times every side
+  first with glibc's default malloc, then with the memory retained; the
+  ``sides`` figures are the second phase's (both sides alike: the code's own
+  speed), and ``metalearn_vs_plain_script`` sets the reference's first phase
+  against each engine side's second.
 
 Prints and writes (--out) one JSON object.
 """
@@ -47,8 +57,11 @@ from torch.func import functional_call
 
 from metalearn.config import to_run_config
 from metalearn.engine import build_algorithm, build_optimizer, load_data, resolve_device
+from metalearn.hostmem import retain_freed_memory
 
 MAML_LIKE = ("maml", "metasgd")
+#: the algorithms with a reference here; protonet's --batched is loop or fold of its backbone's tasks
+BATCHED_ALGOS = (*MAML_LIKE, "protonet")
 
 
 # ------------------------------------------------------------------ the reference, independent of metalearn
@@ -57,11 +70,11 @@ MAML_LIKE = ("maml", "metasgd")
 class RefConv4(nn.Module):
     """conv4 + linear head, written out: [n, C, H, W] -> [n, ways]; BatchNorm on the batch's statistics."""
 
-    def __init__(self, in_channels: int, hidden: int, layers: int, features: int, ways: int):
+    def __init__(self, in_channels: int, hidden: int, layers: int, features: int, ways: int | None):
         super().__init__()
         self.conv = nn.ModuleList(nn.Conv2d(in_channels if i == 0 else hidden, hidden, 3, padding=1) for i in range(layers))
         self.bn = nn.ModuleList(nn.BatchNorm2d(hidden, track_running_stats=False) for _ in range(layers))
-        self.head = nn.Linear(features, ways)
+        self.head = nn.Linear(features, ways) if ways else nn.Identity()  # no head: the embedding (ProtoNet)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for conv, bn in zip(self.conv, self.bn):
@@ -70,8 +83,23 @@ class RefConv4(nn.Module):
 
 
 def ref_name(engine_name: str) -> str:
-    """net.0.convs.2.weight -> conv.2.weight, net.0.norms.2.bias -> bn.2.bias, net.1.weight -> head.weight."""
-    return engine_name.replace("net.0.convs.", "conv.").replace("net.0.norms.", "bn.").replace("net.1.", "head.")
+    """net.0.convs.2.weight -> conv.2.weight, net.0.norms.2.bias -> bn.2.bias, net.1.weight -> head.weight
+    (ProtoNet: backbone.convs.2.weight -> conv.2.weight)."""
+    for engine_prefix, ref_prefix in (("net.0.", ""), ("backbone.", "")):
+        if engine_name.startswith(engine_prefix):
+            engine_name = ref_prefix + engine_name[len(engine_prefix):]
+            break
+    return engine_name.replace("convs.", "conv.").replace("norms.", "bn.").replace("net.1.", "head.")
+
+
+def ref_protonet_step(net: RefConv4, support_x, support_y, query_x, query_y, ways: int):
+    """Per-task prototypical loss: embed, class means, softmax over negative squared distances."""
+    tasks = support_x.shape[0]
+    for t in range(tasks):
+        support, query = net(support_x[t]), net(query_x[t])
+        prototypes = torch.stack([support[support_y[t] == c].mean(0) for c in range(ways)])
+        logits = -(query.unsqueeze(1) - prototypes.unsqueeze(0)).pow(2).sum(-1)
+        (F.cross_entropy(logits, query_y[t]) / tasks).backward()
 
 
 def ref_meta_step(net: RefConv4, support_x, support_y, query_x, query_y, inner_lr, steps: int, first_order: bool):
@@ -93,8 +121,9 @@ class Reference:
     """The reference meta-learner with the engine algorithm's current weights (and Meta-SGD rates)."""
 
     def __init__(self, algo, a, device):
-        bb = algo.net[0]
-        self.net = RefConv4(bb.convs[0].in_channels, a.hidden, len(bb.convs), bb.out_features, a.ways).to(device)
+        bb = algo.net[0] if a.algo in MAML_LIKE else algo.backbone
+        head = a.ways if a.algo in MAML_LIKE else None
+        self.net = RefConv4(bb.convs[0].in_channels, a.hidden, len(bb.convs), bb.out_features, head).to(device)
         self.rates = None
         self.copy_from(algo)
         self.optimizer = torch.optim.Adam(list(self.net.parameters()) + list(self.rates.values() if self.rates else []),
@@ -104,8 +133,10 @@ class Reference:
     def copy_from(self, algo):
         ours = dict(self.net.named_parameters())
         with torch.no_grad():
-            for k, p in algo.net.named_parameters():
-                ours[ref_name("net." + k)].copy_(p)
+            for k, p in algo.named_parameters():
+                if k in ("inner_lrs",) or k.startswith("inner_lrs."):
+                    continue
+                ours[ref_name(k)].copy_(p)
         if hasattr(algo, "inner_lrs"):  # Meta-SGD: the learned rate of each parameter entry
             self.rates = {ref_name("net." + k): r.detach().clone().requires_grad_()
                           for (k, _), r in zip(algo.net.named_parameters(), algo.inner_lrs)}
@@ -115,6 +146,8 @@ class Reference:
 
     def meta_step(self, batch):
         a = self.a
+        if a.algo == "protonet":
+            return ref_protonet_step(self.net, batch.support_x, batch.support_y, batch.query_x, batch.query_y, a.ways)
         ref_meta_step(self.net, batch.support_x, batch.support_y, batch.query_x, batch.query_y,
                       self.rates if self.rates else a.inner_lr, a.inner_steps, a.first_order)
 
@@ -155,6 +188,8 @@ class Engine:
         cfg = engine_config(a, batched)
         torch.manual_seed(0)  # the same initial weights for every --batched value
         self.algo = build_algorithm(cfg, stores["train"]).to(device)
+        if a.algo == "protonet" and batched in ("loop", "fold"):  # the backbone's batch of tasks: one by one or as one
+            self.algo.backbone.fold_tasks = batched == "fold"
         self.optimizer, _ = build_optimizer(cfg, self.algo.parameters())
 
     def step(self, batch):
@@ -176,7 +211,7 @@ def gradient_agreement(engine: Engine, a, batch) -> dict:
     engine.algo.zero_grad(set_to_none=True)
     engine.algo.meta_step(batch)
     ref.meta_step(batch)
-    got = {ref_name(k): p.grad for k, p in engine.algo.named_parameters() if k.startswith("net.")}
+    got = {ref_name(k): p.grad for k, p in engine.algo.named_parameters() if not k.startswith("inner_lrs")}
     want = ref.grads()
     if ref.rates:
         got.update({ref_name("net." + k): r.grad for (k, _), r in zip(engine.algo.net.named_parameters(),
@@ -221,6 +256,8 @@ def peak_rss_kib(reset: bool = False) -> int:
 
 def memory_child(a, side: str) -> None:
     """Subprocess body: two steps of one side; print its peak memory growth over them in MiB."""
+    if a.host_memory != "system":
+        retain_freed_memory()
     device = resolve_device(a.device)
     stores = load_data(engine_config(a, None), device)
     sampler = stores["train"].sampler(a.ways, a.shots, a.queries, a.meta_batch_size, seed=0, training=True)
@@ -273,6 +310,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--host-memory", choices=["system", "retain", "both"], default="both",
+                   help="CPU malloc: glibc's default (system), freed memory kept for reuse as metalearn runs "
+                        "(retain), or both phases in turn; the figures of 'sides' are from the last phase")
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     p.add_argument("--out", default=None, help="write the figures as JSON here")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
@@ -285,7 +325,7 @@ def main() -> None:
 
     device = resolve_device(a.device)
     sync = make_sync(device)
-    modes = a.batched.split(",") if a.algo in MAML_LIKE else [None]
+    modes = a.batched.split(",") if a.algo in BATCHED_ALGOS else [None]
     torch.manual_seed(0)
     stores = load_data(engine_config(a, None), device)
     sampler = stores["train"].sampler(a.ways, a.shots, a.queries, a.meta_batch_size, seed=0, training=True)
@@ -295,8 +335,18 @@ def main() -> None:
     reference = Reference(first.algo, a, device)
 
     agreement = {name: gradient_agreement(e, a, batches[0]) for name, e in engines.items()} \
-        if a.algo in MAML_LIKE else {}
-    times = time_alternating({"reference": reference, **engines}, batches, a.warmup, a.repeats, sync)
+        if a.algo in BATCHED_ALGOS else {}
+    # Phase "system": glibc's default malloc, as a plain script runs. Phase "retain": freed memory kept
+    # for reuse, as `metalearn` runs (metalearn/hostmem.py); a process setting, so both sides get it.
+    phases = {"system": "system", "retain": "retain", "both": "system,retain"}[a.host_memory].split(",")
+    phase_times = {}
+    for phase in phases:
+        if phase == "retain" and not retain_freed_memory():
+            print("bench: cannot retain freed memory here (not glibc, or METALEARN_RETAIN_HOST_MEMORY=0)", file=sys.stderr)
+            continue
+        phase_times[phase] = time_alternating({"reference": reference, **engines}, batches, a.warmup, a.repeats, sync)
+    last = list(phase_times)[-1]
+    times = phase_times[last]
     med = {name: statistics.median(v) for name, v in times.items()}
 
     sample_times = []
@@ -323,6 +373,11 @@ def main() -> None:
                 **({"gradient_vs_reference": agreement[name]} if name in agreement else {}),
             } for name in times
         },
+        "host_memory": last,
+        "phases": {phase: {name: statistics.median(v) for name, v in t.items()} for phase, t in phase_times.items()},
+        **({"metalearn_vs_plain_script": {  # a plain script's loop (default malloc) against metalearn's process
+            name: statistics.median(phase_times["system"]["reference"]) / med[name] for name in engines}}
+           if {"system", "retain"} <= phase_times.keys() else {}),
         "sampler": {"seconds_per_batch": sample_med, "episodes_per_second": a.meta_batch_size / sample_med,
                     "share_of_engine_step": sample_med / min(med[name] for name in engines)},
         "memory_note": ("growth of peak RSS over 2 steps, one subprocess per side" if device.type == "cpu"

@@ -26,6 +26,7 @@ from metalearn.config import to_run_config
 from metalearn.data import TaskBatch
 from metalearn.errors import ConfigError
 from metalearn.models import conv4
+from conftest import zero_gradient
 
 # ---------------------------------------------------------------- helpers
 
@@ -234,7 +235,7 @@ def test_metasgd_second_order_gradient_matches_finite_differences():
     assert metrics["loss"].shape == metrics["accuracy"].shape == (TASKS,)
     assert math.isclose(float(metrics["loss"].mean()), metasgd_meta_loss(p0, batch, steps), rel_tol=1e-10)
     # the learned rates get a gradient, and not a trivial one
-    rate_grads = [lr.grad for lr in algo.inner_lrs]
+    rate_grads = [lr.grad for (k, _), lr in zip(algo.net.named_parameters(), algo.inner_lrs) if not zero_gradient(k)]
     assert all(g is not None and g.abs().sum() > 0 for g in rate_grads)
 
     fo = tiny_metasgd(inner_steps=steps, first_order=True)
@@ -304,7 +305,7 @@ def test_anil_second_order_gradient_matches_finite_differences():
     grad, metrics = meta_grad(algo, batch)
     assert metrics["loss"].shape == metrics["accuracy"].shape == (TASKS,)
     assert math.isclose(float(metrics["loss"].mean()), anil_meta_loss(p0, batch, steps, lr), rel_tol=1e-10)
-    assert all(p.grad.abs().sum() > 0 for p in algo.parameters())  # the body is meta-learned too
+    assert all(p.grad.abs().sum() > 0 for k, p in algo.named_parameters() if not zero_gradient(k))  # the body too
 
     fo = tiny(anil_mod, inner_lr=lr, inner_steps=steps, first_order=True)
     fo_grad, _ = meta_grad(fo, batch)
@@ -388,7 +389,7 @@ def test_reptile_grad_is_theta_minus_mean_adapted(batch_size, steps, learning):
     for name, p in algo.named_parameters():
         torch.testing.assert_close(p.grad, p0[name] - mean[name], rtol=1e-8, atol=1e-12, msg=name)
         assert torch.equal(p, p0[name]), name  # meta_step leaves the weights to the optimizer
-        assert p.grad.abs().sum() > 0, name
+        assert p.grad.abs().sum() > 0 or zero_gradient(name), name
     torch.testing.assert_close(metrics["loss"], torch.tensor(losses, dtype=torch.float64), rtol=1e-9, atol=0)
     assert metrics["accuracy"].shape == (TASKS,)
     # .grad accumulates like a gradient (the engine zeroes it): the same step again doubles it
@@ -489,8 +490,12 @@ def test_sweep_over_every_algorithm(cli, tmp_path):
     from metalearn.algorithms import ALGORITHMS
 
     sweep = tmp_path / "sweep"
-    names = list(ALGORITHMS)
-    proc = cli.run(["train", "-m", f"algo={','.join(names)}", *cli.FAST, f"hydra.sweep.dir={sweep}"], tmp_path, timeout=900)
+    # metanet needs backbone.norm=none (each example has its own fast weights, so per-set BatchNorm does not
+    # apply), mamlpp's default BNWB needs the norms, and a sweep cannot set a key for one of its options:
+    # metanet runs through the CLI in its own test (test_algo_metanet.py).
+    names = [name for name in ALGORITHMS if name != "metanet"]
+    proc = cli.run(["train", "-m", f"algo={','.join(names)}", *cli.FAST, f"hydra.sweep.dir={sweep}"], tmp_path,
+                   timeout=900)
     assert proc.returncode == 0, cli.describe(proc)
     jobs = [f"{i}_algo={name}" for i, name in enumerate(names)]
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == sorted(jobs)

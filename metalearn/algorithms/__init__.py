@@ -22,6 +22,10 @@ ALGORITHMS = {
     "mamlpp": "metalearn.algorithms.mamlpp",
     "r2d2": "metalearn.algorithms.r2d2",
     "metaoptnet_svm": "metalearn.algorithms.metaoptnet_svm",
+    "leo": "metalearn.algorithms.leo",
+    "metanet": "metalearn.algorithms.metanet",
+    "snail": "metalearn.algorithms.snail",
+    "mann": "metalearn.algorithms.mann",
 }
 
 

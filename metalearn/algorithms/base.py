@@ -43,6 +43,7 @@ class ProblemInfo:
     num_train_classes: int  # classes of the training split (for global-label pre-training; 0 for regression)
     task: str = "classification"  # classification | regression
     output_size: int | None = None  # regression: the size of a target; classification: ways
+    shots: int = 1  # shots of the training episodes (sequence learners size themselves by ways * shots + 1)
 
     @property
     def outputs(self) -> int:

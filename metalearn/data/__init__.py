@@ -20,6 +20,7 @@ DATASETS = {
     "mnist": "metalearn.data.mnist",
     "doublemnist": "metalearn.data.doublemnist",
     "imagefolder": "metalearn.data.imagefolder",
+    "features": "metalearn.data.features",
 }
 
 SPLITS = ("train", "val", "test")

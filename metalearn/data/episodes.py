@@ -77,8 +77,9 @@ class ClassStore:
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, class_names: list[str],
                  mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None):
-        if images.dtype != torch.uint8 or images.dim() != 4:
-            raise ValueError("images must be a uint8 tensor [N, C, H, W]")
+        # uint8 images, or float vectors (pre-computed features, data=features) used as they are
+        if not ((images.dtype == torch.uint8 and images.dim() == 4) or (images.is_floating_point() and images.dim() == 2)):
+            raise ValueError("images must be a uint8 tensor [N, C, H, W] or a float tensor of vectors [N, d]")
         labels = torch.as_tensor(labels, dtype=torch.long)
         if len(labels) != len(images) or (len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < len(class_names)):
             raise ValueError("labels must give each image a class index in [0, len(class_names))")
@@ -100,7 +101,7 @@ class ClassStore:
         return len(self.class_names)
 
     @property
-    def input_shape(self) -> tuple[int, int, int]:
+    def input_shape(self) -> tuple[int, ...]:
         return tuple(self.images.shape[1:])
 
     @property
@@ -202,4 +203,6 @@ def _gather_rows(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
 
 
 def _to_float(x: torch.Tensor) -> torch.Tensor:
+    if x.is_floating_point():  # feature vectors: already the model's input
+        return x
     return x.float().div_(255.0)

@@ -13,6 +13,7 @@ BACKBONES = {
     "conv4": "metalearn.models.conv4",
     "resnet12": "metalearn.models.resnet12",
     "mlp": "metalearn.models.mlp",
+    "identity": "metalearn.models.identity",
 }
 
 

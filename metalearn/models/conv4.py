@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metalearn.errors import ConfigError
+from metalearn.models import ops
 from metalearn.models.tasks import TaskBatchNorm, TaskwiseBackbone
 
 __all__ = ["Config", "Conv4", "TaskBatchNorm", "build"]
@@ -53,13 +54,18 @@ class Conv4(TaskwiseBackbone):
 
     def _features(self, x: torch.Tensor, tasks: int) -> torch.Tensor:
         for i, conv in enumerate(self.convs):
-            x = conv(x)
-            if self.norms is not None:
-                x = self.norms[i](x, tasks)
+            if i == 0 and self.norms is not None and not x.requires_grad and ops.enabled(x):
+                # The input images: conv + BatchNorm as one convolution (models/ops.py).
+                norm = self.norms[i]
+                x = ops.conv_batchnorm(x, conv.weight, conv.bias, norm.weight, norm.bias, norm.eps, tasks)
+            else:
+                x = conv(x)
+                if self.norms is not None:
+                    x = self.norms[i](x, tasks)
             if i < self.pool_layers:
                 # Pooling before the ReLU gives the same values and gradients (ReLU is monotone and
                 # zero where it cuts), with the ReLU on 4x less data.
-                x = F.max_pool2d(x, 2)
+                x = ops.max_pool2x2(x)
             x = F.relu(x)
         return x.flatten(1)
 

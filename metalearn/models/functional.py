@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metalearn.models import ops
 from metalearn.models.conv4 import Conv4
 from metalearn.models.mlp import MLP
 
@@ -54,15 +55,19 @@ def conv4_features(net: Conv4, params: dict, x: torch.Tensor, prefix: str = "") 
     h = x.transpose(0, 1).reshape(n, tasks * x.shape[2], *x.shape[3:])
     for i in range(len(net.convs)):
         w, b = params[f"{prefix}convs.{i}.weight"], params[f"{prefix}convs.{i}.bias"]
-        h = F.conv2d(h, w.reshape(-1, *w.shape[2:]), b.reshape(-1), padding=1, groups=tasks)
         if net.norms is not None:
-            norm = net.norms[i]
-            # Statistics per (task, channel) over the task's n examples and pixels: per-task BatchNorm.
-            h = F.batch_norm(h, None, None, params[f"{prefix}norms.{i}.weight"].reshape(-1),
-                             params[f"{prefix}norms.{i}.bias"].reshape(-1), training=True, eps=norm.eps)
+            gamma, beta, eps = params[f"{prefix}norms.{i}.weight"], params[f"{prefix}norms.{i}.bias"], net.norms[i].eps
+        if i == 0 and net.norms is not None and not x.requires_grad and ops.enabled(x):
+            # The input images: conv + per-task BatchNorm as one grouped convolution (models/ops.py).
+            h = ops.conv_batchnorm(x.flatten(0, 1), w, b, gamma, beta, eps, tasks)
+        else:
+            h = F.conv2d(h, w.reshape(-1, *w.shape[2:]), b.reshape(-1), padding=1, groups=tasks)
+            if net.norms is not None:
+                # Statistics per (task, channel) over the task's n examples and pixels: per-task BatchNorm.
+                h = F.batch_norm(h, None, None, gamma.reshape(-1), beta.reshape(-1), training=True, eps=eps)
         if i < net.pool_layers:
             # max-pool before ReLU: the same values and gradients (see Conv4), ReLU on 4x less data.
-            h = F.max_pool2d(h, 2)
+            h = ops.max_pool2x2(h)
         h = F.relu(h)
     # [n, T*C, h, w] -> [T, n, C*h*w], the per-task flatten order of Conv4.
     return h.reshape(n, tasks, -1).transpose(0, 1)
