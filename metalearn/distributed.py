@@ -354,8 +354,11 @@ def _follow(group: ProcessGroup) -> int:
     try:
         ckpt = checkpoint.load(job["checkpoint"]) if job["checkpoint"] else None
         engine.train(to_run_config(job["config"]), Path(job["run_dir"]), resume_from=ckpt)
-    except (MetalearnError, engine.Stopped, FollowerExit) as e:
+    except (engine.Stopped, FollowerExit) as e:
         return e.exit_code  # rank 0 printed the message
+    except MetalearnError as e:  # what failed here only (this node's GPUs or files): rank 0 cannot say it
+        print(f"metalearn: error: (rank {group.rank}) {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         return 130
     return 0

@@ -278,7 +278,8 @@ class Trainer:
         autocast(self.device, cfg.device.precision)  # an unknown precision fails here, before any work
         seed_everything(cfg.seed)
         self.stores = self.group.main_first(lambda: load_data(cfg, self.device))  # one process builds caches
-        self.algo = build_algorithm(cfg, self.stores["train"]).to(self.device)
+        # Rank 0 first: a mistake in the config is then reported once, by rank 0.
+        self.algo = self.group.main_first(lambda: build_algorithm(cfg, self.stores["train"])).to(self.device)
         self.group.broadcast_module(self.algo)
         self.optimizer, self.scheduler = build_optimizer(cfg, self.algo.parameters())
         self.sampler = self.stores["train"].sampler(cfg.ways, cfg.shots, cfg.queries, cfg.meta_batch_size, cfg.seed,
