@@ -25,6 +25,7 @@ from metalearn.config import to_run_config
 from metalearn.data import TaskBatch
 from metalearn.errors import ConfigError
 from metalearn.models import identity
+from plainops import params_of
 
 WAYS, SHOTS, QUERIES, TASKS, DIM, LATENT = 3, 2, 2, 2, 6, 3
 CFG = dict(latent_size=LATENT, inner_steps=2, finetune_steps=2, inner_lr=0.4, finetune_lr=0.3, dropout=0.0,
@@ -176,10 +177,6 @@ def meta_loss_by_hand(p: dict, batch: TaskBatch, cfg: dict, noise: dict, targets
     logits, kl, penalty, _ = leo_by_hand(p, batch, cfg, noise, targets)
     ce = torch.stack([F.cross_entropy(logits[t], batch.query_y[t]) for t in range(batch.num_tasks)])
     return (ce + cfg["kl_weight"] * kl + cfg["encoder_penalty_weight"] * penalty).mean() + regularizers_by_hand(p, cfg)
-
-
-def params_of(algo) -> dict:
-    return {k: v.detach().clone() for k, v in algo.named_parameters()}
 
 
 # ---------------------------------------------------------------- the algorithm

@@ -26,6 +26,7 @@ from metalearn.data import TaskBatch
 from metalearn.errors import ConfigError
 from metalearn.models import conv4
 from conftest import zero_gradient
+from plainops import params_of
 
 WAYS, SHOTS, QUERIES, TASKS = 3, 2, 3, 2
 SIZE, HIDDEN, LAYERS = 8, 4, 2
@@ -125,10 +126,6 @@ def by_hand(p: dict, batch: TaskBatch, steps: int, v: list[float], lslr=True, bn
             meta.append(total)
             logits.append(forward({**w, **norms_at(p, steps, bnwb)}, batch.query_x[t]))
     return meta, logits
-
-
-def params_of(algo) -> dict:
-    return {k: v.detach().clone() for k, v in algo.named_parameters()}
 
 
 def leaves(p: dict) -> dict:

@@ -19,6 +19,7 @@ from metalearn.config import to_run_config
 from metalearn.data import TaskBatch
 from metalearn.errors import ConfigError
 from metalearn.models import conv4, identity, mlp, resnet12
+from plainops import params_of
 
 WAYS, SHOTS, QUERIES, TASKS = 3, 2, 2, 2
 SIZE, HIDDEN, LAYERS = 8, 3, 2
@@ -184,10 +185,6 @@ def meta_loss_by_hand(algo, p, frozen, batch, chunks):
     return torch.stack([F.cross_entropy(logits_by_hand(algo, p, frozen, batch.support_x[t], batch.support_y[t],
                                                        batch.query_x[t], chunks), batch.query_y[t])
                         for t in range(batch.num_tasks)]).mean()
-
-
-def params_of(algo) -> dict:
-    return {k: v.detach().clone() for k, v in algo.named_parameters()}
 
 
 # ---------------------------------------------------------------- the algorithm

@@ -27,6 +27,8 @@ from metalearn.data import TaskBatch
 from metalearn.errors import ConfigError
 from metalearn.models import conv4
 from conftest import zero_gradient
+import plainops
+from plainops import params_of
 
 WAYS, SHOTS, QUERIES, TASKS = 3, 2, 3, 2
 SIZE, HIDDEN, LAYERS = 8, 4, 2  # 16 features
@@ -104,21 +106,7 @@ def tiny(ways=WAYS, **cfg) -> svm_mod.MetaOptNetSVM:
 
 
 def random_batch(seed=1, tasks=TASKS, ways=WAYS, shots=SHOTS, queries=QUERIES) -> TaskBatch:
-    g = torch.Generator().manual_seed(seed)
-
-    def labels(k):
-        y = torch.arange(ways).repeat_interleave(k)
-        return torch.stack([y[torch.randperm(len(y), generator=g)] for _ in range(tasks)])
-
-    sy, qy = labels(shots), labels(queries)
-    protos = torch.rand(tasks, ways, 1, SIZE, SIZE, generator=g, dtype=torch.float64)
-
-    def images(y):
-        base = protos[torch.arange(tasks)[:, None], y]
-        return (0.6 * base + 0.4 * torch.rand(base.shape, generator=g, dtype=torch.float64)).clamp(0, 1)
-
-    classes = torch.stack([torch.randperm(10, generator=g)[:ways] for _ in range(tasks)])
-    return TaskBatch(images(sy), sy, images(qy), qy, classes)
+    return plainops.random_batch(seed, tasks, ways, shots, queries, SIZE)
 
 
 def body(p: dict, x: torch.Tensor) -> torch.Tensor:
@@ -144,10 +132,6 @@ def smoothed_loss_by_hand(logits: torch.Tensor, y: torch.Tensor, eps: float) -> 
     target = torch.full_like(logits, eps / (ways - 1))
     target[torch.arange(len(y)), y] = 1 - eps
     return -(target * torch.log_softmax(logits, 1)).sum(1).mean()
-
-
-def params_of(algo) -> dict:
-    return {k: v.detach().clone() for k, v in algo.named_parameters()}
 
 
 # ---------------------------------------------------------------- the solver

@@ -24,6 +24,8 @@ from metalearn.data import TaskBatch
 from metalearn.errors import ConfigError
 from metalearn.models import conv4
 from conftest import zero_gradient
+import plainops
+from plainops import params_of
 
 WAYS, SHOTS, QUERIES, TASKS = 3, 2, 3, 2
 SIZE, HIDDEN, LAYERS = 8, 4, 2  # 16 features: n = 6 support examples < F + 1 (the Woodbury branch)
@@ -46,21 +48,7 @@ def tiny(ways=WAYS, **cfg) -> r2d2_mod.R2D2:
 
 
 def random_batch(seed=1, tasks=TASKS, ways=WAYS, shots=SHOTS, queries=QUERIES) -> TaskBatch:
-    g = torch.Generator().manual_seed(seed)
-
-    def labels(k):
-        y = torch.arange(ways).repeat_interleave(k)
-        return torch.stack([y[torch.randperm(len(y), generator=g)] for _ in range(tasks)])
-
-    sy, qy = labels(shots), labels(queries)
-    protos = torch.rand(tasks, ways, 1, SIZE, SIZE, generator=g, dtype=torch.float64)
-
-    def images(y):
-        base = protos[torch.arange(tasks)[:, None], y]
-        return (0.6 * base + 0.4 * torch.rand(base.shape, generator=g, dtype=torch.float64)).clamp(0, 1)
-
-    classes = torch.stack([torch.randperm(10, generator=g)[:ways] for _ in range(tasks)])
-    return TaskBatch(images(sy), sy, images(qy), qy, classes)
+    return plainops.random_batch(seed, tasks, ways, shots, queries, SIZE)
 
 
 def body(p: dict, x: torch.Tensor) -> torch.Tensor:
@@ -91,10 +79,6 @@ def logits_by_hand(p: dict, batch: TaskBatch, t: int, lam=None) -> torch.Tensor:
 
 def meta_loss_by_hand(p: dict, batch: TaskBatch) -> torch.Tensor:
     return torch.stack([F.cross_entropy(logits_by_hand(p, batch, t), batch.query_y[t]) for t in range(batch.num_tasks)]).mean()
-
-
-def params_of(algo) -> dict:
-    return {k: v.detach().clone() for k, v in algo.named_parameters()}
 
 
 def flat(d: dict) -> torch.Tensor:

@@ -21,6 +21,7 @@ from metalearn.data import TaskBatch
 from metalearn.errors import ConfigError
 from metalearn.models import conv4
 from conftest import zero_gradient
+import plainops
 
 WAYS, SHOTS, QUERIES, TASKS, SIZE = 3, 2, 2, 2, 8
 
@@ -32,21 +33,7 @@ def tiny(**cfg) -> siamese_mod.Siamese:
 
 
 def random_batch(seed=1, tasks=TASKS, ways=WAYS, shots=SHOTS, queries=QUERIES) -> TaskBatch:
-    g = torch.Generator().manual_seed(seed)
-
-    def labels(k):
-        y = torch.arange(ways).repeat_interleave(k)
-        return torch.stack([y[torch.randperm(len(y), generator=g)] for _ in range(tasks)])
-
-    sy, qy = labels(shots), labels(queries)
-    protos = torch.rand(tasks, ways, 1, SIZE, SIZE, generator=g, dtype=torch.float64)
-
-    def images(y):
-        base = protos[torch.arange(tasks)[:, None], y]
-        return (0.6 * base + 0.4 * torch.rand(base.shape, generator=g, dtype=torch.float64)).clamp(0, 1)
-
-    classes = torch.stack([torch.randperm(10, generator=g)[:ways] for _ in range(tasks)])
-    return TaskBatch(images(sy), sy, images(qy), qy, classes)
+    return plainops.random_batch(seed, tasks, ways, shots, queries, SIZE)
 
 
 def score(algo, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,8 @@ from metalearn.config import to_run_config
 from metalearn.data import TaskBatch
 from metalearn.errors import ConfigError
 from metalearn.models import conv4
+import plainops
+from plainops import params_of
 
 WAYS, SHOTS, QUERIES, TASKS = 3, 2, 2, 2  # sequences of 3*2+1 = 7 steps: 3 dense blocks per TC block
 SIZE, HIDDEN, LAYERS = 8, 4, 2  # 16 features
@@ -42,37 +44,11 @@ def tiny(ways=WAYS, shots=SHOTS, norm="batch", **cfg) -> snail.SNAIL:
 
 
 def random_batch(seed=1, tasks=TASKS, ways=WAYS, shots=SHOTS, queries=QUERIES) -> TaskBatch:
-    g = torch.Generator().manual_seed(seed)
-
-    def labels(k):
-        y = torch.arange(ways).repeat_interleave(k)
-        return torch.stack([y[torch.randperm(len(y), generator=g)] for _ in range(tasks)])
-
-    sy, qy = labels(shots), labels(queries)
-    protos = torch.rand(tasks, ways, 1, SIZE, SIZE, generator=g, dtype=torch.float64)
-
-    def images(y):
-        base = protos[torch.arange(tasks)[:, None], y]
-        return (0.6 * base + 0.4 * torch.rand(base.shape, generator=g, dtype=torch.float64)).clamp(0, 1)
-
-    classes = torch.stack([torch.randperm(10, generator=g)[:ways] for _ in range(tasks)])
-    return TaskBatch(images(sy), sy, images(qy), qy, classes)
-
-
-def params_of(algo) -> dict:
-    return {k: v.detach().clone() for k, v in algo.named_parameters()}
+    return plainops.random_batch(seed, tasks, ways, shots, queries, SIZE)
 
 
 def body(p: dict, x: torch.Tensor) -> torch.Tensor:
-    """conv4 written out: [n, C, H, W] -> [n, F], batch statistics of this set."""
-    for i in range(LAYERS):
-        x = F.conv2d(x, p[f"backbone.convs.{i}.weight"], p[f"backbone.convs.{i}.bias"], padding=1)
-        mean = x.mean(dim=(0, 2, 3), keepdim=True)
-        var = ((x - mean) ** 2).mean(dim=(0, 2, 3), keepdim=True)
-        x = (x - mean) / torch.sqrt(var + 1e-5)
-        x = x * p[f"backbone.norms.{i}.weight"].view(1, -1, 1, 1) + p[f"backbone.norms.{i}.bias"].view(1, -1, 1, 1)
-        x = F.max_pool2d(torch.clamp(x, min=0), 2)
-    return x.flatten(1)
+    return plainops.conv4_body(p, x, LAYERS)
 
 
 def layer_plan(length: int) -> list[tuple[str, int]]:

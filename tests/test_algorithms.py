@@ -24,6 +24,7 @@ from metalearn.data.episodes import ClassStore
 from metalearn.errors import ConfigError
 from metalearn.models import conv4
 from conftest import zero_gradient
+from plainops import params_of
 
 # ---------------------------------------------------------------- helpers
 
@@ -93,10 +94,6 @@ def meta_loss(p: dict, batch: TaskBatch, steps: int, lr: float) -> float:
         q = sgd_adapt(p, batch.support_x[t], batch.support_y[t], steps, lr)
         losses.append(F.cross_entropy(forward(q, batch.query_x[t]), batch.query_y[t]))
     return float(torch.stack(losses).mean())
-
-
-def params_of(algo) -> dict:
-    return {k: v.detach().clone() for k, v in algo.named_parameters()}
 
 
 def flat_grad(algo) -> torch.Tensor:

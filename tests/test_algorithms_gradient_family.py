@@ -27,6 +27,7 @@ from metalearn.data import TaskBatch
 from metalearn.errors import ConfigError
 from metalearn.models import conv4
 from conftest import zero_gradient
+from plainops import params_of
 
 # ---------------------------------------------------------------- helpers
 
@@ -98,10 +99,6 @@ def sgd_steps(p: dict, loss_of, steps: int, lr, names=None) -> dict:
             grads = torch.autograd.grad(loss_of(leaves), [leaves[k] for k in names])
         p = {**p, **{k: p[k] - (lr[k] if isinstance(lr, dict) else lr) * g for k, g in zip(names, grads)}}
     return p
-
-
-def params_of(algo) -> dict:
-    return {k: v.detach().clone() for k, v in algo.named_parameters()}
 
 
 def flat(d: dict) -> torch.Tensor:
