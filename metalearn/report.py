@@ -619,9 +619,7 @@ def write_report(root: str | os.PathLike, out: str | os.PathLike | None = None) 
 
 
 def report_command(args: list[str]) -> int:
-    """``metalearn report <run or sweep dir> [--out DIR]``."""
-    from metalearn.cli import fail
-
+    """``metalearn report <run or sweep dir> [--out DIR]``; a usage mistake raises ConfigError (one line, from cli)."""
     usage = "usage: metalearn report <run or sweep dir> [--out DIR]"
     if any(a in ("-h", "--help") for a in args):
         print(f"{usage}\n\nCompares the runs below a directory: writes report.md, report.csv and val_<metric>.png "
@@ -633,20 +631,20 @@ def report_command(args: list[str]) -> int:
         if a == "--out" or a.startswith("--out="):
             value = a.split("=", 1)[1] if "=" in a else (rest.pop(0) if rest else None)
             if not value:
-                fail(f"--out needs a directory; {usage}")
+                raise ConfigError(f"--out needs a directory; {usage}")
             out = value
         elif a.startswith("-"):
-            fail(f"unknown option {a!r}; {usage}")
+            raise ConfigError(f"unknown option {a!r}; {usage}")
         elif re.match(r"[A-Za-z_][\w.]*=", a) and "/" not in a and not Path(a).exists():  # Hydra habit: dir=...
-            fail(f"no such directory {a!r}; report takes the directory itself, not key=value; {usage}")
+            raise ConfigError(f"no such directory {a!r}; report takes the directory itself, not key=value; {usage}")
         else:
             paths.append(a)
     if len(paths) != 1:
-        fail(f"give one run or sweep directory; {usage}")
+        raise ConfigError(f"give one run or sweep directory; {usage}")
     try:
         table, written = write_report(paths[0], out)
     except PermissionError as e:  # a read-only sweep directory (someone else's, a shared archive)
-        fail(f"cannot write the report: {e.strerror}: {e.filename}; write it elsewhere with --out DIR")
+        raise ConfigError(f"cannot write the report: {e.strerror}: {e.filename}; write it elsewhere with --out DIR")
     print(table)
     print("\nwrote: " + ", ".join(str(p) for p in written))
     return 0
