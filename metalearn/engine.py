@@ -286,6 +286,9 @@ class Trainer:
                                                     training=True)
         self.step, self.best, self.val_pending = 0, Best(), False
         if resume_from is not None:
+            if resume_from["step"] > cfg.steps:  # the loop would not run, and the results would claim cfg.steps
+                raise ConfigError(f"this run's checkpoint is at step {resume_from['step']}, past steps={cfg.steps}; "
+                                  f"resume with steps>={resume_from['step']}, or score it with metalearn eval")
             checkpoint.load_model_state(self.algo, resume_from["model"], self.ckpt_dir / "last.pt")
             self.optimizer.load_state_dict(resume_from["optimizer"])
             self.scheduler.load_state_dict(resume_from["scheduler"])

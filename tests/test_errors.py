@@ -66,6 +66,8 @@ MISTAKES = {
     "eval of a checkpoint that does not fit its config": (["eval", "ckpt={files}/resized.pt"],
                                                           ["{files}/resized.pt", "does not fit"], 2),
     "resume of a missing run": (["train", "resume={tmp}/nope"], ["{tmp}/nope"], 2),
+    "resume with fewer steps than done": (["train", "resume={files}/run", "steps=5"],
+                                          ["checkpoint is at step 20", "past steps=5", "steps>=20"], 2),
     "classifier on regression data": (["train", "data=sinusoid", "backbone=mlp", "algo=matchingnet"],
                                       ["algo=matchingnet", "classification", "sinusoid is regression", "maml"], 2),
     "image backbone on vectors": (["train", "data=sinusoid", "backbone=resnet12"], ["backbone=resnet12", "backbone=mlp"], 2),
@@ -88,6 +90,8 @@ def make_checkpoint_files(folder: Path, run: Path) -> None:
     torch.save({**ckpt, "format_version": 99}, folder / "future.pt")
     ckpt["config"]["backbone"]["hidden"] *= 2
     torch.save(ckpt, folder / "resized.pt")
+    (folder / "run" / "checkpoints").mkdir(parents=True)  # a finished run of its own to resume
+    (folder / "run" / "checkpoints" / "last.pt").write_bytes(last.read_bytes())
 
 
 @pytest.fixture(scope="module")
