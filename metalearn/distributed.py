@@ -354,10 +354,9 @@ def _follow(group: ProcessGroup) -> int:
     try:
         ckpt = checkpoint.load(job["checkpoint"]) if job["checkpoint"] else None
         engine.train(to_run_config(job["config"]), Path(job["run_dir"]), resume_from=ckpt)
-    except (engine.Stopped, FollowerExit) as e:
-        return e.exit_code  # rank 0 printed the message
-    except MetalearnError as e:  # what failed here only (this node's GPUs or files): rank 0 cannot say it
-        print(f"metalearn: error: (rank {group.rank}) {e}", file=sys.stderr)
+    except (MetalearnError, engine.Stopped, FollowerExit) as e:
+        # Rank 0 printed the message: the checks that could fail on one rank only (its node's GPUs) run on rank 0
+        # before the job is shared (share_job); the others fail the same way on every rank.
         return e.exit_code
     except KeyboardInterrupt:
         return 130
