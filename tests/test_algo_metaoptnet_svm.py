@@ -110,15 +110,7 @@ def random_batch(seed=1, tasks=TASKS, ways=WAYS, shots=SHOTS, queries=QUERIES) -
 
 
 def body(p: dict, x: torch.Tensor) -> torch.Tensor:
-    """conv4 written out by hand: [n, C, H, W] -> features [n, F], batch statistics of this set."""
-    for i in range(LAYERS):
-        x = F.conv2d(x, p[f"backbone.convs.{i}.weight"], p[f"backbone.convs.{i}.bias"], padding=1)
-        mean = x.mean(dim=(0, 2, 3), keepdim=True)
-        var = ((x - mean) ** 2).mean(dim=(0, 2, 3), keepdim=True)
-        x = (x - mean) / torch.sqrt(var + 1e-5)
-        x = x * p[f"backbone.norms.{i}.weight"].view(1, -1, 1, 1) + p[f"backbone.norms.{i}.bias"].view(1, -1, 1, 1)
-        x = F.max_pool2d(torch.clamp(x, min=0), 2)
-    return x.flatten(1)
+    return plainops.conv4_body(p, x, LAYERS)
 
 
 def logits_by_hand(p: dict, batch: TaskBatch, t: int, C: float = 0.1, ridge: float = 1.0) -> torch.Tensor:

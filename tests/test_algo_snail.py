@@ -15,7 +15,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from metalearn.algorithms import ProblemInfo, algorithm_module
 from metalearn.algorithms import snail
