@@ -23,6 +23,8 @@ backbone task by task or all tasks as one batch.
   against the reference's (max abs difference, and relative to the largest
   gradient entry: conv biases before BatchNorm have gradients that are zero up
   to rounding, so entry-wise ratios would mean nothing). maml, metasgd, protonet.
+  Each side is also set against the reference run in float64: its own float32
+  rounding error (``engine_vs_float64``, ``reference_vs_float64``).
 * Memory: each side runs two steps in a subprocess of its own, which reports the
   growth of its peak memory over them: CPU: peak resident set (VmHWM, reset
   before the steps; tracemalloc does not see torch's allocations); CUDA:
@@ -56,6 +58,7 @@ from torch import nn
 from torch.func import functional_call
 
 from metalearn.config import to_run_config
+from metalearn.data import TaskBatch
 from metalearn.engine import build_algorithm, build_optimizer, load_data, resolve_device
 from metalearn.hostmem import retain_freed_memory
 
@@ -205,23 +208,51 @@ def make_sync(device):
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
+def reference_grads(ref: Reference, batch) -> dict:
+    """The reference's meta-gradient on ``batch``, by reference parameter name (Meta-SGD's rates included)."""
+    ref.net.zero_grad(set_to_none=True)
+    ref.meta_step(batch)
+    grads = ref.grads()
+    if ref.rates:
+        grads.update({k: r.grad for k, r in ref.rates.items()})
+    return grads
+
+
+def float64_reference(engine: Engine, a, device) -> Reference:
+    ref = Reference(engine.algo, a, device)
+    ref.net.double()
+    if ref.rates:
+        ref.rates = {k: r.detach().double().requires_grad_() for k, r in ref.rates.items()}
+    return ref
+
+
 def gradient_agreement(engine: Engine, a, batch) -> dict:
-    """Engine vs reference meta-gradient from the same weights on the same batch."""
-    ref = Reference(engine.algo, a, batch.support_x.device)
+    """Engine vs reference meta-gradient from the same weights on the same batch, and each of them
+    against the reference computed in float64 (the float32 rounding error of either side)."""
+    device = batch.support_x.device
     engine.algo.zero_grad(set_to_none=True)
     engine.algo.meta_step(batch)
-    ref.meta_step(batch)
-    got = {ref_name(k): p.grad for k, p in engine.algo.named_parameters() if not k.startswith("inner_lrs")}
-    want = ref.grads()
-    if ref.rates:
-        got.update({ref_name("net." + k): r.grad for (k, _), r in zip(engine.algo.net.named_parameters(),
-                                                                   engine.algo.inner_lrs)})
-        want.update({k: r.grad for k, r in ref.rates.items()})
-    scale = max(w.abs().max().item() for w in want.values())
-    max_abs = max((got[k] - w).abs().max().item() for k, w in want.items())
-    worst = max(want, key=lambda k: (got[k] - want[k]).abs().max().item())
+    got = {ref_name(k): p.grad.clone() for k, p in engine.algo.named_parameters() if not k.startswith("inner_lrs")}
+    if hasattr(engine.algo, "inner_lrs"):
+        got.update({ref_name("net." + k): r.grad.clone() for (k, _), r in zip(engine.algo.net.named_parameters(),
+                                                                           engine.algo.inner_lrs)})
     engine.algo.zero_grad(set_to_none=True)
-    return {"max_abs_diff": max_abs, "max_rel_diff": max_abs / scale, "largest_gradient": scale, "worst_tensor": worst}
+    want = reference_grads(Reference(engine.algo, a, device), batch)
+    as_float64 = lambda t: t.double() if t.is_floating_point() else t  # noqa: E731
+    truth = reference_grads(float64_reference(engine, a, device), TaskBatch(
+        *(as_float64(getattr(batch, f)) for f in ("support_x", "support_y", "query_x", "query_y", "classes"))))
+
+    def off(grads: dict, target: dict) -> tuple[float, str]:
+        worst = max(target, key=lambda k: (grads[k].double() - target[k]).abs().max().item())
+        return (grads[worst].double() - target[worst]).abs().max().item(), worst
+
+    scale = max(w.abs().max().item() for w in want.values())
+    max_abs, worst = off(got, want)
+    truth_scale = max(w.abs().max().item() for w in truth.values())
+    return {"max_abs_diff": max_abs, "max_rel_diff": max_abs / scale, "largest_gradient": scale, "worst_tensor": worst,
+            # relative to the largest entry, as above; float32 rounding, each side against float64
+            "engine_vs_float64": off(got, truth)[0] / truth_scale,
+            "reference_vs_float64": off(want, truth)[0] / truth_scale}
 
 
 def time_alternating(sides: dict, batches: list, warmup: int, repeats: int, sync) -> dict[str, list[float]]:

@@ -87,14 +87,43 @@ def test_conv_batchnorm_float32_is_as_close_as_batch_norm_on_glyph_like_images()
     assert (fused.double() - exact).abs().max() <= 4 * max((plain.double() - exact).abs().max(), 1e-6)
 
 
-def test_conv4_uses_the_shortcuts_on_cpu_only_for_the_input_block():
+@pytest.mark.parametrize("channels", [1, 3])
+def test_conv4_on_cpu_equals_the_plain_ops_to_second_order(channels):
+    """conv4 a task at a time on CPU: channels-last blocks, the first one fused with its BatchNorm and
+    computed as a matmul, native max-pooling; the plain NCHW ops' values and derivatives."""
     from metalearn.models import conv4
 
     torch.manual_seed(0)
-    net = conv4.build(conv4.Config(hidden=8, layers=3), (1, 12, 12)).double()
-    x = torch.randn(2, 6, 1, 12, 12, dtype=torch.float64)  # two tasks
-    plain = torch.stack([_plain_conv4(net, task) for task in x])
-    torch.testing.assert_close(net(x), plain, rtol=1e-12, atol=1e-12)
+    net = conv4.build(conv4.Config(hidden=8, layers=3), (channels, 12, 12)).double()
+    with torch.no_grad():
+        for norm in net.norms:  # BatchNorm affine parameters away from 1 and 0
+            norm.weight.add_(0.3 * torch.randn(8, dtype=torch.float64))
+            norm.bias.add_(0.3 * torch.randn(8, dtype=torch.float64))
+    x = torch.randn(2, 6, channels, 12, 12, dtype=torch.float64)  # two tasks
+    x[:, :, :, :4] = 0  # constant regions: max-pooling ties
+    params = list(net.parameters())
+    outs = {"ours": net(x), "plain": torch.stack([_plain_conv4(net, task) for task in x])}
+    torch.testing.assert_close(outs["ours"], outs["plain"], rtol=1e-12, atol=1e-12)
+    derivatives = {}
+    for name, out in outs.items():
+        first = torch.autograd.grad((out ** 2).sum(), params, create_graph=True)
+        second = torch.autograd.grad(sum((f ** 2).sum() for f in first), params)
+        derivatives[name] = first + second
+    scale = max(d.abs().max().item() for d in derivatives["plain"])
+    for mine, plain in zip(derivatives["ours"], derivatives["plain"]):
+        torch.testing.assert_close(mine, plain, rtol=0, atol=1e-10 * scale)
+
+
+def test_conv4_runs_channels_last_on_cpu_a_task_at_a_time(monkeypatch):
+    from metalearn.models import conv4
+
+    seen = []
+    pool = ops.max_pool2x2
+    monkeypatch.setattr(ops, "max_pool2x2", lambda h: seen.append(h.is_contiguous(memory_format=torch.channels_last))
+                        or pool(h))
+    net = conv4.build(conv4.Config(hidden=8, layers=3), (1, 12, 12))
+    net(torch.randn(2, 4, 1, 12, 12))
+    assert seen == [True] * 6  # 2 tasks x 3 blocks
 
 
 def _plain_conv4(net, x):

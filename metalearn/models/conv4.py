@@ -53,6 +53,8 @@ class Conv4(TaskwiseBackbone):
         self.norms = nn.ModuleList(TaskBatchNorm(hidden) for _ in range(layers)) if norm == "batch" else None
 
     def _features(self, x: torch.Tensor, tasks: int) -> torch.Tensor:
+        if tasks == 1 and ops.enabled(x):
+            x = ops.channels_last(x)  # a task at a time on CPU: channels-last kernels (models/ops.py)
         for i, conv in enumerate(self.convs):
             if i == 0 and self.norms is not None and not x.requires_grad and ops.enabled(x):
                 # The input images: conv + BatchNorm as one convolution (models/ops.py).

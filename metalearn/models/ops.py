@@ -1,26 +1,36 @@
-"""Two exact CPU shortcuts for conv4's blocks, found by profiling second-order MAML (issue #5).
+"""Exact CPU shortcuts for conv4's blocks, found by profiling second-order MAML (issue #5).
 
 On CPU, a task's first block dominates the meta-step: its activations (75 queries x 64
-channels x 28x28 = 15 MB) are the largest, and the native kernels that touch them are
-slow there. Both functions below compute the same values and gradients (first and
-second order) as the plain ops, with less memory traffic:
+channels x 28x28 = 15 MB) are the largest, and the native NCHW kernels that touch them are
+slow there. The functions below compute the same values and gradients (first and second
+order) as the plain ops, with less memory traffic:
 
-* ``max_pool2x2``: ``F.max_pool2d(x, 2)``. The native CPU forward (it also writes int64
-  indices, one scalar loop per output) took as long as a 64-channel convolution. Here the
-  maximum is three elementwise ``maximum`` of the four strided corners, and the indices,
-  with ``max_pool2d``'s rule for ties (first in row-major order), come from three
-  comparisons. The backward is the native ``max_pool2d_with_indices_backward``, so the
-  double backward is native as well, and ties (glyph backgrounds are constant) resolve
-  exactly as with ``F.max_pool2d``: same values and bitwise the same gradients.
+* ``channels_last``: conv4 runs a task at a time in channels-last memory order on CPU
+  (``Conv4._features``). There PyTorch's max-pooling kernel is vectorised over channels: the
+  forward and backward of the first block's 2x2 pooling took 7.7 ms against 30 ms (``_MaxPool2x2``
+  below) and 33 ms (native NCHW) on one thread, and the 64-channel convolutions are faster too. The cost
+  is float32 rounding of another shape: PyTorch's channels-last BatchNorm sums its statistics in one
+  float32 pass, and max-pooling ties on constant backgrounds break differently (README, Speed);
+  in float64 the values and derivatives are the plain ops' (tests).
+* ``max_pool2x2``: ``F.max_pool2d(x, 2)``; native for channels-last tensors. For NCHW ones (the
+  folded tasks of ``models.functional``) the native CPU forward (it also writes int64 indices,
+  one scalar loop per output) took as long as a 64-channel convolution; here the maximum is three
+  elementwise ``maximum`` of the four strided corners, and the indices, with ``max_pool2d``'s
+  rule for ties (first in row-major order), come from three comparisons. The backward is the
+  native ``max_pool2d_with_indices_backward``, so the double backward is native as well, and
+  ties (glyph backgrounds are constant) resolve exactly as with ``F.max_pool2d``: same values
+  and bitwise the same gradients.
 * ``conv_batchnorm``: ``batch_norm(conv2d(x, w, b))`` with batch statistics, when ``x``
   needs no gradient (the input images). Per output channel c the batch mean is
   ``w_c . m + b_c`` and the variance ``w_c^T S w_c``, with m and S the mean and covariance
   of the input's patches, constants of the batch. So the block is one convolution with
   weights ``w * s`` and bias ``beta - s * (w . m)``, ``s = gamma / sqrt(var + eps)``; the
   BatchNorm pass over the large output and its backward (and, for MAML, its double
-  backward) disappear. Equal up to float rounding (float64 tests: 1e-12).
+  backward) disappear. For one task the convolution is a matmul of the patches (made for the
+  statistics anyway) whose result is already channels-last. Equal up to float rounding
+  (float64 tests: 1e-12).
 
-Both are used on CPU only (``enabled``); on accelerators the native kernels are used.
+All are used on CPU only (``enabled``); on accelerators the native kernels are used.
 """
 
 from __future__ import annotations
@@ -55,10 +65,18 @@ class _MaxPool2x2(torch.autograd.Function):
         return torch.ops.aten.max_pool2d_with_indices_backward(grad, x, [2, 2], [2, 2], [0, 0], [1, 1], False, index)
 
 
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] in channels-last memory order (a view when C is 1)."""
+    if x.shape[1] == 1:
+        n, _, h, w = x.shape
+        return x.as_strided(x.shape, (h * w, 1, w, 1))  # contiguous() keeps NCHW strides for one channel
+    return x.contiguous(memory_format=torch.channels_last)
+
+
 def max_pool2x2(x: torch.Tensor) -> torch.Tensor:
     """``F.max_pool2d(x, 2)`` for [N, C, H, W]: the same values and gradients, faster on CPU."""
-    if not enabled(x) or x.dim() != 4:
-        return F.max_pool2d(x, 2)
+    if not enabled(x) or x.dim() != 4 or x.is_contiguous(memory_format=torch.channels_last):
+        return F.max_pool2d(x, 2)  # channels-last: the native kernel is vectorised over channels, 14x ours
     return _MaxPool2x2.apply(x)
 
 
@@ -98,7 +116,14 @@ def conv_batchnorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ga
         shift = (beta if stacked else beta.expand(tasks, -1)) + scale * (b - ((w @ mean.unsqueeze(-1)).squeeze(-1) + b))
         fused = (w * scale.unsqueeze(-1)).reshape(-1, *weight.shape[-3:])  # [T*C, C_in, k, k]
     if tasks == 1:
-        return F.conv2d(x, fused, shift.reshape(-1), padding=k // 2)
+        # The convolution as one matmul of the patches made above, with a column of ones for the shift
+        # (no separate passes over the output for the bias and its gradient): [N*H*W, C], the
+        # channels-last layout the next blocks run in; its weight gradient is one GEMM (oneDNN's
+        # channels-last convolution of one input channel summed it 100x less accurately in float32).
+        n, _, h, w_ = x.shape
+        ones = patches.new_ones(patches.shape[1], 1)
+        out = torch.cat([patches[0], ones], 1) @ torch.cat([fused.flatten(1), shift.view(-1, 1)], 1).t()
+        return out.view(n, h, w_, -1).permute(0, 3, 1, 2)
     n = x.shape[0] // tasks
     grouped = x.view(tasks, n, *x.shape[1:]).transpose(0, 1).reshape(n, -1, *x.shape[2:])  # [n, T*C_in, H, W]
     out = F.conv2d(grouped, fused, shift.reshape(-1), padding=k // 2, groups=tasks)  # [n, T*C, H, W]
