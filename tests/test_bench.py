@@ -37,4 +37,4 @@ def test_bench_times_every_side_and_checks_the_meta_gradients(tmp_path, algo, ba
         if algo == "maml":
             assert side["peak_memory_mib"] is not None and side["peak_memory_mib"] >= 0
     assert 0 < result["sampler"]["share_of_engine_step"] < 1
-    assert set(result["phases"]) == {"system", "retain"}  # glibc here: both malloc phases ran
+    assert "system" in result["phases"]  # "retain" too where glibc's mallopt applies (metalearn/hostmem.py)

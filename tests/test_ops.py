@@ -45,7 +45,7 @@ def conv_bn(x, w, b, gamma, beta, tasks):
     return torch.cat(out)
 
 
-@pytest.mark.parametrize("tasks,stacked,channels", [(1, False, 1), (1, False, 3), (3, False, 2), (3, True, 1)])
+@pytest.mark.parametrize("tasks,stacked,channels", [(1, False, 1), (1, False, 3), (1, True, 1), (3, False, 2), (3, True, 1)])
 def test_conv_batchnorm_equals_conv_then_batch_norm_to_second_order(tasks, stacked, channels):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(tasks * 4, channels, 6, 7, generator=g, dtype=torch.float64)
@@ -112,6 +112,20 @@ def test_conv4_on_cpu_equals_the_plain_ops_to_second_order(channels):
     scale = max(d.abs().max().item() for d in derivatives["plain"])
     for mine, plain in zip(derivatives["ours"], derivatives["plain"]):
         torch.testing.assert_close(mine, plain, rtol=0, atol=1e-10 * scale)
+
+
+def test_conv4_on_cpu_takes_inputs_of_any_memory_layout():
+    """Channel slices, transposed, cropped and expanded inputs: the values of their contiguous copies."""
+    from metalearn.models import conv4
+
+    torch.manual_seed(0)
+    grey = conv4.build(conv4.Config(hidden=8, layers=2), (1, 10, 10)).double()
+    big = torch.randn(4, 3, 12, 12, dtype=torch.float64)
+    img = torch.randn(1, 1, 10, 10, dtype=torch.float64)
+    inputs = [big[:, 1:2, 1:-1, 1:-1], big[:, :1, 1:-1, 1:-1].transpose(2, 3), big[::2, 2:, :10, 2:],
+              img.expand(3, 1, 10, 10), torch.randn(3, 2, 1, 10, 10, dtype=torch.float64).transpose(0, 1)]
+    for x in inputs:
+        torch.testing.assert_close(grey(x), grey(x.contiguous()), rtol=1e-12, atol=1e-12)
 
 
 def test_conv4_runs_channels_last_on_cpu_a_task_at_a_time(monkeypatch):

@@ -67,9 +67,9 @@ class _MaxPool2x2(torch.autograd.Function):
 
 def channels_last(x: torch.Tensor) -> torch.Tensor:
     """[N, C, H, W] in channels-last memory order (a view when C is 1)."""
-    if x.shape[1] == 1:
+    if x.shape[1] == 1:  # contiguous(memory_format=...) keeps NCHW strides for one channel
         n, _, h, w = x.shape
-        return x.as_strided(x.shape, (h * w, 1, w, 1))  # contiguous() keeps NCHW strides for one channel
+        return x.contiguous().view(n, h, w, 1).permute(0, 3, 1, 2)
     return x.contiguous(memory_format=torch.channels_last)
 
 
@@ -101,6 +101,8 @@ def conv_batchnorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ga
     """
     stacked = weight.dim() == 5
     k = weight.shape[-1]
+    if k % 2 == 0:
+        raise ValueError(f"conv_batchnorm keeps the image size (padding k // 2): odd kernels only, got {k}")
     # The statistics in the weights' precision even under bf16 autocast: an error in them shifts a whole channel.
     with torch.autocast(x.device.type, enabled=False):
         patches = F.unfold(x.to(weight.dtype), k, padding=k // 2)  # [T*n, C_in*k*k, H*W]
@@ -120,6 +122,7 @@ def conv_batchnorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ga
         # (no separate passes over the output for the bias and its gradient): [N*H*W, C], the
         # channels-last layout the next blocks run in; its weight gradient is one GEMM (oneDNN's
         # channels-last convolution of one input channel summed it 100x less accurately in float32).
+        # The backward keeps the patches (C_in * k * k + 1 values per pixel) where conv2d kept the input.
         n, _, h, w_ = x.shape
         ones = patches.new_ones(patches.shape[1], 1)
         out = torch.cat([patches[0], ones], 1) @ torch.cat([fused.flatten(1), shift.view(-1, 1)], 1).t()
