@@ -9,9 +9,10 @@ order) as the plain ops, with less memory traffic:
   (``Conv4._features``). There PyTorch's max-pooling kernel is vectorised over channels: the
   forward and backward of the first block's 2x2 pooling took 7.7 ms against 30 ms (``_MaxPool2x2``
   below) and 33 ms (native NCHW) on one thread, and the 64-channel convolutions are faster too. The cost
-  is float32 rounding of another shape: PyTorch's channels-last BatchNorm sums its statistics in one
-  float32 pass, and max-pooling ties on constant backgrounds break differently (README, Speed);
-  in float64 the values and derivatives are the plain ops' (tests).
+  is float32 rounding: PyTorch's channels-last BatchNorm on CPU sums its statistics in one float32
+  pass, and the meta-gradient ends further from the exact one than NCHW's (README, Speed: 40x for
+  ProtoNet, 20x for 5-step MAML on glyphs); in float64 the values and derivatives are the plain
+  ops' (tests).
 * ``max_pool2x2``: ``F.max_pool2d(x, 2)``; native for channels-last tensors. For NCHW ones (the
   folded tasks of ``models.functional``) the native CPU forward (it also writes int64 indices,
   one scalar loop per output) took as long as a 64-channel convolution; here the maximum is three
