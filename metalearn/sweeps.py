@@ -232,10 +232,11 @@ class SweepReport(Callback):
 
 
 def report() -> int:
-    """After a ``train -m``: one line per job of this sweep that failed, and the exit code (0: none failed)."""
+    """After a ``train -m``: one line per job of this sweep that failed, and the exit code (0: none failed).
+    Reports a sweep once: a later ``cli.main`` in the same process (a notebook, tests) starts clean."""
     if not _sweep:
         return 0
-    sweep_dir, start = _sweep["dir"], _sweep["start"]
+    sweep_dir, start = _sweep.pop("dir"), _sweep.pop("start")
     failed = []
     for marker in sorted(sweep_dir.glob(f"*/{FAILED}"), key=_job_order):
         if marker.stat().st_mtime < start - 1:  # from an earlier invocation on the same sweep directory

@@ -136,3 +136,19 @@ def test_a_sweep_job_whose_overrides_do_not_compose_is_one_line(cli, tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == (
         "metalearn: error: a job of this sweep: Could not override 'algo.inner_lr'; a key that only some of the swept "
         "options have (algo.inner_lr) cannot be swept across the others: sweep it per option")
+
+
+def test_a_sweep_is_reported_once_per_process(tmp_path, capsys):
+    """cli.main called twice in one process (a notebook): the second call does not inherit the first
+    sweep's failed jobs."""
+    from omegaconf import OmegaConf
+
+    from metalearn import sweeps
+
+    job = tmp_path / "0_algo=maml"
+    job.mkdir()
+    sweeps.SweepReport().on_multirun_start(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
+    (job / sweeps.FAILED).write_text(json.dumps({"error": "loss became NaN", "kind": "NaNLoss", "exit_code": 3}))
+    assert sweeps.report() == 1
+    assert "job 0_algo=maml failed: loss became NaN" in capsys.readouterr().err
+    assert sweeps.report() == 0 and capsys.readouterr().err == ""
