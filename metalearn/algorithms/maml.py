@@ -24,7 +24,7 @@ meta-gradient up to float rounding (tests/test_maml_batched.py):
   the adapted weights are each task's. Fewer, larger kernels, for accelerators;
   memory grows with ``task_chunk``. conv4 and mlp backbones only. On an idle
   2-core CPU (conv4, 5-way 1-shot, meta-batch 32, second order) it was
-  *slower* than the loop (0.87x for chunks of 4: the folded activations leave
+  *slower* than the loop (0.84x for chunks of 4: the folded activations leave
   the caches, and the loop runs conv4 channels-last, models/ops.py), so it is
   not chosen there.
 * ``auto``: ``fold`` on accelerators where the backbone supports it, and on CPU for

@@ -67,7 +67,7 @@ class _MaxPool2x2(torch.autograd.Function):
 
 
 def channels_last(x: torch.Tensor) -> torch.Tensor:
-    """[N, C, H, W] in channels-last memory order (a view when C is 1)."""
+    """[N, C, H, W] in channels-last memory order (a view of a contiguous x with one channel)."""
     if x.shape[1] == 1:  # contiguous(memory_format=...) keeps NCHW strides for one channel
         n, _, h, w = x.shape
         return x.contiguous().view(n, h, w, 1).permute(0, 3, 1, 2)
