@@ -14,9 +14,10 @@ def params_of(algo) -> dict:
     return {k: v.detach().clone() for k, v in algo.named_parameters()}
 
 
-def random_batch(seed: int, tasks: int, ways: int, shots: int, queries: int, size: int) -> TaskBatch:
+def random_batch(seed: int, tasks: int, ways: int, shots: int, queries: int, size: int,
+                 classes_of=None) -> TaskBatch:
     """float64 episodes of 1 x size x size images: each class a random prototype plus noise, labels shuffled
-    per task, ``classes`` drawn from 10."""
+    per task, ``classes`` drawn from 10, or ``classes_of(generator)`` ([tasks, ways] global class ids)."""
     g = torch.Generator().manual_seed(seed)
 
     def labels(k):
@@ -30,7 +31,7 @@ def random_batch(seed: int, tasks: int, ways: int, shots: int, queries: int, siz
         base = protos[torch.arange(tasks)[:, None], y]
         return (0.6 * base + 0.4 * torch.rand(base.shape, generator=g, dtype=torch.float64)).clamp(0, 1)
 
-    classes = torch.stack([torch.randperm(10, generator=g)[:ways] for _ in range(tasks)])
+    classes = classes_of(g) if classes_of else torch.stack([torch.randperm(10, generator=g)[:ways] for _ in range(tasks)])
     return TaskBatch(images(sy), sy, images(qy), qy, classes)
 
 

@@ -24,6 +24,8 @@ from metalearn.errors import ConfigError
 from metalearn.models import conv4
 from conftest import zero_gradient
 
+import plainops
+
 WAYS, SHOTS, QUERIES, TASKS, SIZE, TRAIN_CLASSES = 3, 2, 2, 2, 8, 10
 MODULES = {"baseline": baseline_mod, "baseline_pp": baseline_pp_mod}
 
@@ -40,23 +42,12 @@ def tiny(name="baseline", train_classes=TRAIN_CLASSES, **cfg) -> baseline_mod.Ba
 
 
 def random_batch(seed=1, tasks=TASKS, ways=WAYS, shots=SHOTS, queries=QUERIES) -> TaskBatch:
-    g = torch.Generator().manual_seed(seed)
+    def classes_of(g):
+        # the last training class is always used: an off-by-one in the label mapping cannot pass
+        others = [torch.randperm(TRAIN_CLASSES - 1, generator=g)[: ways - 1] for _ in range(tasks)]
+        return torch.stack([torch.cat([torch.tensor([TRAIN_CLASSES - 1]), o]) for o in others])
 
-    def labels(k):
-        y = torch.arange(ways).repeat_interleave(k)
-        return torch.stack([y[torch.randperm(len(y), generator=g)] for _ in range(tasks)])
-
-    sy, qy = labels(shots), labels(queries)
-    protos = torch.rand(tasks, ways, 1, SIZE, SIZE, generator=g, dtype=torch.float64)
-
-    def images(y):
-        base = protos[torch.arange(tasks)[:, None], y]
-        return (0.6 * base + 0.4 * torch.rand(base.shape, generator=g, dtype=torch.float64)).clamp(0, 1)
-
-    # the last training class is always used: an off-by-one in the label mapping cannot pass
-    others = [torch.randperm(TRAIN_CLASSES - 1, generator=g)[: ways - 1] for _ in range(tasks)]
-    classes = torch.stack([torch.cat([torch.tensor([TRAIN_CLASSES - 1]), o]) for o in others])
-    return TaskBatch(images(sy), sy, images(qy), qy, classes)
+    return plainops.random_batch(seed, tasks, ways, shots, queries, SIZE, classes_of)
 
 
 def cosine_logits(x: torch.Tensor, weight: torch.Tensor, norm: torch.Tensor | None, scale: float) -> torch.Tensor:
