@@ -18,7 +18,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from metalearn import __version__, sweeps  # sweeps: the resolvers of conf/hparams_search
+from metalearn import __version__, confdir, sweeps  # sweeps: the resolvers of conf/hparams_search
+from metalearn.confdir import CONF_DIR
 from metalearn import hostmem
 
 log = logging.getLogger("metalearn")
@@ -31,12 +32,13 @@ COMMANDS = {
     "eval": "evaluate a trained run on test episodes: accuracy +- 95% CI",
     "data": "'data info data=<name>': what is on disk; 'data prepare data=<name>': download and cache it",
     "report": "'report <run or sweep dir>': compare runs (seeds aggregated): report.md, report.csv, plots",
+    "reproduce": "'reproduce experiment=<preset>,...' or 'reproduce --from DIR': paper figure vs measured, one table",
 }
 
 USAGE = f"""usage: metalearn <command> [key=value ...] [hydra flags]
 
 commands:
-{chr(10).join(f"  {name:<6} {text}" for name, text in COMMANDS.items())}
+{chr(10).join(f"  {name:<9} {text}" for name, text in COMMANDS.items())}
 
 examples:
   metalearn train data=glyphs algo=protonet steps=500
@@ -45,6 +47,7 @@ examples:
   metalearn eval run=outputs/<date>/<time> shots=5
   metalearn data prepare data=cifarfs data.root=/data
   metalearn report outputs/multirun/<date>/<time>
+  metalearn reproduce experiment=maml_sinusoid_k10,protonet_omniglot_5w1s
 
 'metalearn <command> --help' lists that command's config groups and options;
 'metalearn train --cfg job' prints the composed config.
@@ -53,6 +56,8 @@ examples:
 
 def fail(error: Exception, code: int = 2):
     print(f"metalearn: error: {error}", file=sys.stderr)
+    if "metalearn.distributed" in sys.modules:  # under torchrun: the other ranks then know it is on the console
+        sys.modules["metalearn.distributed"].current().failed(str(error), code)
     sys.exit(code)
 
 
@@ -65,8 +70,7 @@ def _resume_config(cfg: DictConfig):
     from metalearn.config import to_run_config
     from metalearn.errors import ConfigError
 
-    path = checkpoint.find(cfg.resume, "last")
-    ckpt = checkpoint.load(path)
+    path, ckpt = checkpoint.load_for_resume(cfg.resume)  # readable, and this run's
     saved = OmegaConf.create(ckpt["config"])
     changeable = ("steps", "trainer", "device", "data.root", "eval.batch_size")
     for override in HydraConfig.get().overrides.task:
@@ -80,7 +84,7 @@ def _resume_config(cfg: DictConfig):
     return to_run_config(saved), ckpt
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def train_app(cfg: DictConfig) -> float | None:
     from metalearn import distributed, engine
     from metalearn.config import to_run_config
@@ -136,7 +140,7 @@ def _remove_if_unused(run_dir: Path, resumed: bool) -> None:
 # ---------------------------------------------------------------- eval
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
 def eval_app(cfg: DictConfig) -> None:
     from metalearn.errors import ConfigError, MetalearnError
 
@@ -151,33 +155,10 @@ def eval_app(cfg: DictConfig) -> None:
 
 
 def evaluate_checkpoint(cfg: DictConfig) -> dict:
-    from metalearn import checkpoint, engine
-    from metalearn.config import to_run_config
-    from metalearn.fileio import atomic_write_json
+    """Score a checkpoint on the run's own test episodes or on other data (metalearn/evaluation.py)."""
+    from metalearn.evaluation import evaluate_checkpoint as evaluate
 
-    path = checkpoint.find(cfg.run, cfg.checkpoint) if cfg.run else checkpoint.find(cfg.ckpt)
-    ckpt = checkpoint.load(path)
-    saved = OmegaConf.create(ckpt["config"])
-    for key, value in {"eval.ways": cfg.ways, "eval.shots": cfg.shots, "eval.queries": cfg.queries,
-                       "eval.batch_size": cfg.batch_size, "trainer.test_episodes": cfg.episodes,
-                       "data.root": cfg.data_root}.items():
-        if value is not None:
-            OmegaConf.update(saved, key, value)
-    saved.device.type = cfg.device
-    run_cfg = to_run_config(saved)
-    device = engine.resolve_device(run_cfg.device.type)
-    stores = engine.load_data(run_cfg, device)
-    algo = engine.build_algorithm(run_cfg, stores["train"]).to(device)
-    seed = run_cfg.trainer.eval_seed + 1 if cfg.seed is None else cfg.seed
-    results = engine.score_checkpoint(algo, path, run_cfg, stores["test"], seed, device)
-    engine.print_results(results)
-    run_dir = path.parent.parent
-    if (run_dir / "checkpoints").is_dir():
-        e, episodes = run_cfg.eval, run_cfg.trainer.test_episodes
-        out = run_dir / f"eval-{path.stem}-{e.ways}w{e.shots}s{e.queries}q-{episodes}ep-seed{seed}.json"
-        atomic_write_json(out, results)
-        print(f"results: {out}")
-    return results
+    return evaluate(cfg)
 
 
 # ---------------------------------------------------------------- data
@@ -187,7 +168,7 @@ def data_command(args: list[str]) -> int:
     """``metalearn data info|prepare data=<name> [data.key=value ...]`` (no run directory, no Hydra app)."""
     import dataclasses
 
-    from hydra import compose, initialize_config_module
+    from hydra import compose
 
     from metalearn.config import to_run_config
     from metalearn.data import dataset_module
@@ -200,7 +181,7 @@ def data_command(args: list[str]) -> int:
     from hydra.errors import HydraException
 
     try:
-        with initialize_config_module(config_module="metalearn.conf", version_base="1.3"):
+        with confdir.initialized():
             cfg = to_run_config(compose("config", overrides=overrides)).data
     except HydraException as e:  # e.g. a sweep (a,b), which a data command cannot take
         fail(f"{str(e).splitlines()[0]}; 'metalearn data' takes one value per key, no sweeps")
@@ -280,7 +261,7 @@ def _precheck(command: str, args: list[str]) -> None:
     """
     if any(a.startswith("-") and a not in ("-m", "--multirun") for a in args):
         return
-    from hydra import compose, initialize_config_module
+    from hydra import compose
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -289,7 +270,7 @@ def _precheck(command: str, args: list[str]) -> None:
     from metalearn.errors import ConfigError, MetalearnError
 
     overrides = [a for a in args if not a.startswith("-")]
-    conf_dir = Path(__file__).parent / "conf"
+    conf_dir = CONF_DIR
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as e:
@@ -316,28 +297,72 @@ def _precheck(command: str, args: list[str]) -> None:
         first.append(f"{key}={values[0]}" if o.is_sweep_override() else o.input_line)
     config_name = "config" if command == "train" else "eval"
     try:
-        with initialize_config_module(config_module="metalearn.conf", version_base="1.3"):
-            cfg = compose(config_name, overrides=first)
+        with confdir.initialized():  # train: with the hydra node, for the run directory's check below
+            cfg = compose(config_name, overrides=first, return_hydra_config=command == "train")
     except HydraException as e:
         fail(ConfigError(_hydra_error_line(str(e), conf_dir, config_name, first)))
     except OmegaConfBaseException as e:
         fail(ConfigError(str(e).splitlines()[0]))
+    output_dir = None
+    if command == "train":
+        from omegaconf import open_dict
+
+        output_dir = _output_dir(cfg, multirun="-m" in args or "--multirun" in args)
+        with open_dict(cfg):
+            cfg.pop("hydra")  # parts of it only a running app resolves (hydra.job.num)
     try:
         if command == "train" and cfg.get("resume") is not None:
             from metalearn import checkpoint
 
-            checkpoint.find(cfg.resume, "last")  # before Hydra creates the run directory
+            checkpoint.load_for_resume(cfg.resume)  # before Hydra creates the run directory or writes its log
         elif command == "train":
             to_run_config(cfg)
+        if command == "train":
+            _check_writable(output_dir)
     except MetalearnError as e:
         fail(e)
+
+
+def _output_dir(cfg: DictConfig, multirun: bool) -> Path | None:
+    """Where Hydra will put this command's run (or sweep) directory, or None if it cannot be told yet."""
+    try:
+        value = OmegaConf.select(cfg, "hydra.sweep.dir" if multirun else "hydra.run.dir",
+                                 throw_on_resolution_failure=True)
+    except Exception:  # noqa: BLE001 - e.g. a ${hydra:...} only a running app resolves: Hydra reports it then
+        return None
+    return None if value is None else Path(str(value))
+
+
+def _check_writable(folder: Path | None) -> None:
+    """A run directory that cannot be made (a read-only file system or folder, a path through a file) is
+    one line before Hydra tries, instead of Hydra's traceback. The check makes and removes a temp folder
+    in the nearest existing parent; nothing stays behind."""
+    import tempfile
+
+    from metalearn.errors import ConfigError
+
+    if folder is None:
+        return
+    parent = folder.absolute()
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    try:
+        if not parent.is_dir():
+            raise NotADirectoryError(f"{parent} is a file")
+        os.rmdir(tempfile.mkdtemp(prefix=".metalearn-check-", dir=parent))
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(f"{folder} is a file")
+    except OSError as e:
+        why = e.strerror or str(e)
+        raise ConfigError(f"cannot create the run directory {folder} ({why}); run from a writable directory "
+                          "or set hydra.run.dir=<writable path> (hydra.sweep.dir for -m)") from None
 
 
 def _choices(group: Path) -> list[str]:
     """The options of a config group: its YAML files, and for Hydra's own groups (hydra/launcher,
     hydra/sweeper) the ones installed plugins registered."""
     names = {p.stem for p in group.glob("*.yaml")}
-    parts = group.relative_to(Path(__file__).parent / "conf").parts
+    parts = group.relative_to(CONF_DIR).parts
     if parts[:1] == ("hydra",):
         from hydra.core.config_store import ConfigStore
 
@@ -363,11 +388,14 @@ def _hydra_error_line(message: str, conf_dir: Path, config_name: str, overrides:
         key = first.split("'", 2)[1]
         group, _, option = key.partition(".")
         if option and (conf_dir / group).is_dir():
-            from hydra import compose, initialize_config_module
+            from hydra import compose
 
             rest = [o for o in overrides if not o.lstrip("+~").startswith(f"{group}.")]
-            with initialize_config_module(config_module="metalearn.conf", version_base="1.3"):
-                node = compose(config_name, overrides=rest)[group]
+            with confdir.initialized():
+                node = compose(config_name, overrides=rest).get(group)
+            if node is None:  # metalearn eval: data.* keys belong to a data=<option>
+                return (f"'{key}' sets an option of {group}=<option>, and no {group} is chosen: add {group}=<option> "
+                        "(eval scores the run's own data as it was trained; data_root= says where it is now)")
             options = ", ".join(k for k in node if k != "name") or "none"
             return f"{group}={node.name} has no option {option!r}; its options are: {options}"
         return f"unknown option {key!r}; 'metalearn train --cfg job' shows every option (new keys are not accepted)"
@@ -378,13 +406,14 @@ def _complete(args: list[str]) -> int:
     """Hydra tab completion through the dispatcher: route the query to the command being typed."""
     line = os.environ.get("COMP_LINE", "")
     words = line.split()
-    typed_command = len(words) >= 2 and words[1] in APPS and (len(words) > 2 or line.endswith(" "))
+    app = "train" if len(words) >= 2 and words[1] == "reproduce" else words[1] if len(words) >= 2 else None
+    typed_command = app in APPS and (len(words) > 2 or line.endswith(" "))  # reproduce takes train's overrides
     if len(words) >= 2 and words[1] == "report" and (len(words) > 2 or line.endswith(" ")):
         return 0  # no suggestions: the shell completes directory names
     if typed_command:
         os.environ["COMP_LINE"] = " ".join([words[0], *words[2:]]) + (" " if line.endswith(" ") else "")
         sys.argv = [sys.argv[0], *args]
-        APPS[words[1]]()
+        APPS[app]()
         return 0
     if any(a.startswith("query") for a in args):
         prefix = words[1] if len(words) == 2 and not line.endswith(" ") else ""
@@ -408,9 +437,9 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = args[0], args[1:]
     hostmem.retain_freed_memory()  # a process setting: freed activations stay for the next task (hostmem.py)
     if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):  # a torchrun worker: see metalearn/distributed.py
-        from metalearn import distributed
+        from metalearn import distributed, engine
 
-        return distributed.main(command, rest, _run_app)
+        return distributed.main(command, rest, _run_app, engine.follow)
     if command == "data":
         from metalearn.errors import MetalearnError
 
@@ -424,6 +453,14 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             return report_command(rest)
+        except MetalearnError as e:
+            fail(e, e.exit_code)
+    if command == "reproduce":  # the train app over presets, then a table (metalearn/reproduce.py)
+        from metalearn.errors import MetalearnError
+        from metalearn.reproduce import reproduce_command
+
+        try:
+            return reproduce_command(rest)
         except MetalearnError as e:
             fail(e, e.exit_code)
     if command not in APPS:
@@ -449,8 +486,11 @@ def _run_app(command: str, rest: list[str]) -> int:
 
         from metalearn.errors import ConfigError
 
-        if sweeps.report() and sweeps.no_trial_finished(error):
-            return 1  # an Optuna search whose every trial failed has no best trial: the failures say why
+        failed = sweeps.report()
+        if sweeps.no_trial_finished(error):  # an Optuna search without a finished trial has no best trial
+            if failed:
+                return 1  # its trials failed: the failures say why
+            fail(ConfigError(sweeps.NO_TRIAL_FINISHED))  # none failed: each one stopped at trainer.stop_at
         if isinstance(error, HydraException):  # e.g. a later job's combination of overrides does not compose
             line = str(error).splitlines()[0].rstrip(".")
             hint = ("; a key that only some of the swept options have (algo.inner_lr) cannot be swept across the "

@@ -10,6 +10,7 @@ implements it, so an option exists exactly when the code reads it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -29,6 +30,10 @@ class DeviceConfig:
     # fp32 | bf16: meta-steps and evaluation under bfloat16 autocast (convolutions and matmuls in bf16;
     # the meta-parameters, the optimizer and the losses stay float32)
     precision: str = "fp32"
+    # exact | fast: conv4's BatchNorm when it runs a task at a time channels-last on CPU. exact: statistics
+    # summed as exactly as NCHW's (float32 meta-gradients as near float64 as the plain NCHW ops'); fast:
+    # PyTorch's channels-last kernel, one float32 pass (README, Speed: 300x the rounding, little faster)
+    cpu_kernels: str = "exact"
 
 
 @dataclass
@@ -63,6 +68,23 @@ class OptimConfig:
     decay_every: int = 10000  # step scheduler
     decay_gamma: float = 0.5  # step scheduler
     grad_clip: Optional[float] = None  # max global norm of the meta-gradient
+
+
+@dataclass
+class PaperConfig:
+    """The published figure a preset (``conf/experiment/``) is compared with by ``metalearn reproduce``.
+
+    A description of the preset, not a hyper-parameter: ``to_run_config`` checks it and leaves it out
+    of the RunConfig, so it is in no checkpoint config, no TensorBoard HParams entry and no
+    configuration identity (``metalearn report`` treats ``paper.*`` as run-local).
+    """
+
+    metric: str = "accuracy"  # the test metric of results.json compared: accuracy | mse | mse_step<k>
+    value: Optional[float] = None  # the paper's figure in that metric's unit (accuracy: a fraction, 0.987); null: none
+    ci95: Optional[float] = None  # its 95% CI half-width, same unit; null: the paper prints none, or a +- that is not one
+    source: str = ""  # authors year, venue, table or figure
+    protocol: str = ""  # the paper's benchmark protocol, in words
+    note: str = ""  # what a reader must know: what a printed +- measures, why value is null
 
 
 @dataclass
@@ -117,6 +139,9 @@ def to_run_config(cfg: DictConfig | dict) -> RunConfig:
     except OmegaConfBaseException as e:
         raise ConfigError(f"cannot resolve the config: {str(e).splitlines()[0]}") from None
     container.pop("hydra", None)
+    paper = container.pop("paper", None)
+    if paper is not None:  # checked here (a typo fails before any work), then left out: see PaperConfig
+        check_paper(_typed(PaperConfig, paper, "paper"))
     groups = {}
     for group, (registry, module_of) in GROUPS.items():
         node = container.pop(group, None)
@@ -154,6 +179,29 @@ def check(run: RunConfig) -> None:
         raise ConfigError(f"optim.lr must be a positive number below 1e30 (got {run.optim.lr})")
     if run.trainer.stop_at is not None and run.trainer.stop_at < 1:
         raise ConfigError(f"trainer.stop_at must be >= 1 (got {run.trainer.stop_at})")
+
+
+def paper_config(cfg: DictConfig | dict) -> PaperConfig | None:
+    """The checked ``paper:`` section of a composed config, or None if it has none."""
+    node = cfg.get("paper") if isinstance(cfg, (dict, DictConfig)) else None
+    if node is None:
+        return None
+    node = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+    paper = _typed(PaperConfig, node, "paper")
+    check_paper(paper)
+    return paper
+
+
+def check_paper(paper: PaperConfig) -> None:
+    for key in ("value", "ci95"):
+        value = getattr(paper, key)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"paper.{key} must be a number >= 0 or null (got {value})")
+    if paper.metric == "accuracy" and paper.value is not None and paper.value > 1:
+        raise ConfigError(f"paper.value={paper.value} is a percentage; write accuracy as a fraction "
+                          f"({paper.value / 100:g}), as results.json reports it (and paper.ci95 likewise)")
+    if paper.ci95 is not None and paper.value is None:
+        raise ConfigError("paper.ci95 is set but paper.value is null; give the figure too, or neither")
 
 
 def to_dict(run: RunConfig) -> dict:

@@ -30,13 +30,24 @@ process gets the base ``Group``, whose every method is the identity):
   meta-batch). Stop requests (Ctrl-C, SIGTERM) are agreed on every step (MAX over
   ranks), NaN checks use the averaged metrics and the (identical) parameters, so all
   ranks stop after the same step.
+
+Failures: each one reaches the console once, and every process ends non-zero. A rank that fails
+posts its one-line message in the job's key-value store (``Group.failed``). Rank 0 prints its own
+as a single process does. A rank > 0 prints ``metalearn: error: rank R: ...`` unless rank 0 posts
+the same message within a few seconds (the mistakes every rank meets alike: rank 0's line is
+enough). The others then see a collective fail (the failed process closed its connections) and
+leave quietly with its exit code (``PeerLost``); if no rank posted anything (a process killed,
+e.g. by the OOM killer), rank 0 says so in one line, and torchrun's report names the rank.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import os
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -60,6 +71,29 @@ class FollowerExit(Exception):
     def __init__(self, exit_code: int):
         super().__init__(f"rank 0 stopped with exit code {exit_code}")
         self.exit_code = exit_code
+
+
+class PeerLost(SystemExit):
+    """A collective failed because another process of the job ended: leave with ``code`` (Hydra and the
+    engine let a SystemExit through; the process that failed has told the console why)."""
+
+
+#: How long a rank > 0 waits for rank 0 to post the same failure before printing its own line.
+SAME_FAILURE_WAIT_S = 5.0
+_FAILED_KEY = "metalearn/failed/"
+
+
+def _collective(method):
+    """A collective that fails because a peer is gone raises PeerLost (see the module docstring)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except RuntimeError as e:  # torch.distributed.DistError and gloo's "Connection closed by peer"
+            raise self.lost(e) from None
+
+    return wrapper
 
 
 class Group:
@@ -123,6 +157,9 @@ class Group:
     def barrier(self) -> None:
         pass
 
+    def failed(self, message: str, exit_code: int) -> None:
+        """This process fails with the one-line ``message`` (printed already on rank 0): tell the others."""
+
 
 class ProcessGroup(Group):
     """``torch.distributed`` with the env:// rendezvous torchrun sets up."""
@@ -169,6 +206,7 @@ class ProcessGroup(Group):
 
     # ------------------------------------------------------------ the job
 
+    @_collective
     def _broadcast(self, message: Any = None) -> Any:
         box = [message]
         self.dist.broadcast_object_list(box, src=0)
@@ -213,7 +251,7 @@ class ProcessGroup(Group):
     # ------------------------------------------------------------ random streams
 
     def _seed(self, seed: int, *more: int) -> None:
-        from metalearn.engine import seed_everything
+        from metalearn.seeding import seed_everything
 
         entropy = [seed % 2**63, self.rank, *more]  # SeedSequence takes non-negative integers
         seed_everything(int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] % 2**63))
@@ -241,6 +279,7 @@ class ProcessGroup(Group):
 
         return self.gather(checkpoint.rng_state())
 
+    @_collective
     def broadcast_module(self, module: torch.nn.Module) -> None:
         with torch.no_grad():
             for tensor in module.state_dict().values():
@@ -252,6 +291,7 @@ class ProcessGroup(Group):
         share = batch.num_tasks // self.world_size
         return batch[self.rank * share:(self.rank + 1) * share]
 
+    @_collective
     def average_gradients(self, params: list[torch.Tensor]) -> None:
         # Which parameters have a gradient on some rank: host-side flags (a CPU tensor through gloo, no GPU sync).
         # One that no rank touched stays None, as an optimizer skips it (a zero would still move Adam's state).
@@ -270,28 +310,76 @@ class ProcessGroup(Group):
                 p.grad = flat[offset:offset + p.numel()].view_as(p)
                 offset += p.numel()
 
+    @_collective
     def agree_signal(self, signum: int | None) -> int | None:
         flag = torch.tensor([signum or 0])  # a CPU tensor: goes through gloo, never syncs a GPU stream
         self.dist.all_reduce(flag, op=self.dist.ReduceOp.MAX)
         return int(flag) or None
 
+    @_collective
     def mean(self, values: dict[str, float]) -> dict[str, float]:
         keys = list(values)  # the same order on every rank: the same algorithm made them
         total = torch.tensor([values[k] for k in keys], dtype=torch.float64)
         self.dist.all_reduce(total)
         return {k: v / self.world_size for k, v in zip(keys, total.tolist())}
 
+    @_collective
     def gather(self, item: Any) -> list[Any]:
         out = [None] * self.world_size
         self.dist.all_gather_object(out, item)
         return out
 
+    @_collective
     def barrier(self) -> None:
         self.dist.barrier()
 
     def close(self) -> None:
         if self.dist.is_initialized():
-            self.dist.destroy_process_group()
+            try:
+                self.dist.destroy_process_group()
+            except RuntimeError:  # a peer is gone already
+                pass
+
+    # ------------------------------------------------------------ failures
+
+    def _store(self):
+        return self.dist.distributed_c10d._get_default_store()
+
+    def _posted(self, rank: int) -> dict | None:
+        try:
+            store, key = self._store(), f"{_FAILED_KEY}{rank}"
+            return json.loads(store.get(key)) if store.check([key]) else None
+        except (RuntimeError, ValueError):  # the store is gone with rank 0, or unreadable
+            return None
+
+    def failed(self, message: str, exit_code: int) -> None:
+        try:
+            self._store().set(f"{_FAILED_KEY}{self.rank}", json.dumps({"message": message, "exit_code": exit_code}))
+        except RuntimeError:
+            pass
+
+    def report(self, message: str, exit_code: int) -> None:
+        """A rank > 0 fails: post it, and print it with the rank unless rank 0 posts the same failure."""
+        self.failed(message, exit_code)
+        deadline = time.monotonic() + SAME_FAILURE_WAIT_S
+        while (main := self._posted(0)) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if main is None or main["message"] != message:
+            print(f"metalearn: error: rank {self.rank}: {message}", file=sys.stderr, flush=True)
+
+    def lost(self, error: Exception) -> PeerLost:
+        """The exit of a process whose collective failed: another rank's failure is on the console, or
+        (rank 0) one line says a process ended without one."""
+        others = [p for r in range(self.world_size) if r != self.rank and (p := self._posted(r)) is not None]
+        if others:
+            log.info("another process of the job failed: %s", others[0]["message"])
+            return PeerLost(others[0]["exit_code"] or 1)
+        if self.is_main:
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            print(f"metalearn: error: another process of this torchrun job ended without a message (killed, e.g. "
+                  f"out of memory?): {first}; torchrun's report below names its rank and exit code",
+                  file=sys.stderr, flush=True)
+        return PeerLost(1)
 
 
 #: The single process.
@@ -308,8 +396,10 @@ def current() -> Group:
 # ---------------------------------------------------------------- the command under torchrun
 
 
-def main(command: str, args: list[str], run: Callable[[str, list[str]], int]) -> int:
-    """``metalearn <command>`` in a torchrun worker: rank 0 runs it with ``run``; the others follow."""
+def main(command: str, args: list[str], run: Callable[[str, list[str]], int],
+         follow: Callable[["ProcessGroup"], int]) -> int:
+    """``metalearn <command>`` in a torchrun worker: rank 0 runs it with ``run``; the others ``follow``
+    (``engine.follow``: given by the caller, so that this module never imports the engine)."""
     rank = int(os.environ.get("RANK", "0") or 0)
 
     def refuse(message: str) -> int:
@@ -328,7 +418,7 @@ def main(command: str, args: list[str], run: Callable[[str, list[str]], int]) ->
         return refuse(str(e))
     try:
         if not group.is_main:
-            return _follow(group)
+            return follow(group)
         code: Any = 1
         try:
             code = run(command, args)
@@ -336,28 +426,11 @@ def main(command: str, args: list[str], run: Callable[[str, list[str]], int]) ->
             code = e.code
             raise
         finally:
-            group.end_without_job(code if isinstance(code, int) else (0 if code is None else 1))
+            try:
+                group.end_without_job(code if isinstance(code, int) else (0 if code is None else 1))
+            except PeerLost:  # the others are gone already
+                pass
         return code
     finally:
         group.close()
         _current = SINGLE
-
-
-def _follow(group: ProcessGroup) -> int:
-    """A rank > 0: receive rank 0's job, run the engine on it, leave the talking to rank 0."""
-    from metalearn import checkpoint, engine
-    from metalearn.config import to_run_config
-
-    job = group.receive_job()
-    if "exit" in job:
-        return job["exit"]
-    try:
-        ckpt = checkpoint.load(job["checkpoint"]) if job["checkpoint"] else None
-        engine.train(to_run_config(job["config"]), Path(job["run_dir"]), resume_from=ckpt)
-    except (MetalearnError, engine.Stopped, FollowerExit) as e:
-        # Rank 0 printed the message: the checks that could fail on one rank only (its node's GPUs) run on rank 0
-        # before the job is shared (share_job); the others fail the same way on every rank.
-        return e.exit_code
-    except KeyboardInterrupt:
-        return 130
-    return 0

@@ -12,25 +12,27 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import random
 import signal
+import sys
 import time
-from dataclasses import dataclass
+import traceback
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from metalearn import __version__, checkpoint, distributed
+from metalearn import __version__, checkpoint, distributed, faults
 from metalearn.algorithms import ALGORITHMS, Algorithm, ProblemInfo, algorithm_module
 from metalearn.config import RunConfig, flat, to_dict
 from metalearn.data import ClassStore, TaskBatch, dataset_module
 from metalearn.data.common import episode_transforms
-from metalearn.errors import ConfigError, TrainingError
+from metalearn.data.transforms import EpisodeTransform
+from metalearn.errors import ConfigError, MetalearnError, TrainingError
 from metalearn.fileio import atomic_write_json
-from metalearn.models import backbone_module
+from metalearn.models import backbone_module, ops
+from metalearn.seeding import seed_everything
 from metalearn.tracking import NoTensorBoard, TensorBoard, hparam_metrics
 
 log = logging.getLogger("metalearn")
@@ -72,16 +74,13 @@ def autocast(device: torch.device, precision: str):
                           "use device.precision=fp32") from None
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def load_data(cfg: RunConfig, device: torch.device) -> dict[str, ClassStore]:
     """The train/val/test task sources of ``cfg.data``, checked against the episode shapes, with
     their input transforms (``data.normalize``, ``data.augment``) set, on ``device`` if asked."""
     stores = dataset_module(cfg.data.name).load(cfg.data)
+    if "train" not in stores:  # data=episodes: fixed test episodes, nothing to train on
+        raise ConfigError(f"data={cfg.data.name} has no training split (only {', '.join(stores)}); train on another "
+                          f"dataset and score the run on this one: metalearn eval run=<run dir> data={cfg.data.name} ...")
     train_transform, eval_transform = episode_transforms(cfg.data, stores["train"])
     for split, store in stores.items():
         store.train_transform = train_transform if split == "train" else eval_transform
@@ -99,10 +98,37 @@ def load_data(cfg: RunConfig, device: torch.device) -> dict[str, ClassStore]:
     return stores
 
 
-def build_algorithm(cfg: RunConfig, train_store: ClassStore) -> Algorithm:
-    backbone = backbone_module(cfg.backbone.name).build(cfg.backbone, train_store.input_shape)
-    info = ProblemInfo(input_shape=train_store.input_shape, ways=cfg.ways, num_train_classes=train_store.num_classes,
+def problem_info(cfg: RunConfig, train_store: ClassStore) -> ProblemInfo:
+    """What an algorithm is built from: the training split's input shape, classes and task, and the training episodes."""
+    return ProblemInfo(input_shape=tuple(train_store.input_shape), ways=cfg.ways, num_train_classes=train_store.num_classes,
                        task=train_store.task, output_size=getattr(train_store, "output_size", None), shots=cfg.shots)
+
+
+def problem_record(cfg: RunConfig, train_store: ClassStore) -> dict:
+    """``problem_info`` and the evaluation input normalisation of a run, as plain data for its checkpoints:
+    ``metalearn eval`` rebuilds the algorithm and its input pipeline from it, without the training data."""
+    info, transform = problem_info(cfg, train_store), getattr(train_store, "eval_transform", None)
+    mean, std = getattr(transform, "mean", None), getattr(transform, "std", None)
+    return {"input_shape": list(info.input_shape), "ways": info.ways, "num_train_classes": info.num_train_classes,
+            "task": info.task, "output_size": info.output_size, "shots": info.shots, "data": cfg.data.name,
+            "mean": None if mean is None else [float(v) for v in mean],
+            "std": None if std is None else [float(v) for v in std]}
+
+
+def from_problem_record(record: dict) -> tuple[ProblemInfo, EpisodeTransform | None]:
+    """The ProblemInfo and the evaluation input transform saved by ``problem_record``."""
+    info = ProblemInfo(input_shape=tuple(record["input_shape"]), ways=record["ways"],
+                       num_train_classes=record["num_train_classes"], task=record["task"],
+                       output_size=record["output_size"], shots=record["shots"])
+    mean, std = record.get("mean"), record.get("std")
+    return info, (EpisodeTransform(tuple(mean), tuple(std)) if mean is not None else None)
+
+
+def build_algorithm(cfg: RunConfig, train: ClassStore | ProblemInfo) -> Algorithm:
+    """The algorithm of ``cfg`` for the training split ``train`` (or what a checkpoint recorded of it)."""
+    info = train if isinstance(train, ProblemInfo) else problem_info(cfg, train)
+    backbone = backbone_module(cfg.backbone.name).build(cfg.backbone, info.input_shape)
+    ops.use_cpu_kernels(backbone, cfg.device.cpu_kernels)  # exact | fast (models/ops.py)
     algo = algorithm_module(cfg.algo.name).build(cfg.algo, backbone, info)
     if info.task not in algo.tasks:
         able = [name for name in ALGORITHMS if info.task in _algorithm_tasks(name)]
@@ -171,15 +197,29 @@ def evaluate(algo: Algorithm, store: ClassStore, ways: int, shots: int, queries:
             for i in range(first, min(first + group.world_size, len(starts))):
                 tasks = [sampler.sample() for _ in range(min(batch_size, episodes - starts[i]))]
                 if i % group.world_size == group.rank:
-                    with autocast(device, precision):
-                        metrics = algo.evaluate(TaskBatch.cat(tasks).to(device))
-                    mine.append((i, {k: v.detach().float() for k, v in metrics.items()}))
+                    parts = []
+                    for batch in _same_shape_batches(tasks):  # fixed episodes (data=episodes) may differ in shape
+                        with autocast(device, precision):
+                            parts.append(algo.evaluate(batch.to(device)))
+                    mine.append((i, {k: torch.cat([p[k].detach().float() for p in parts]) for k in parts[0]}))
     finally:
         algo.train(was_training)
     if group.world_size > 1:  # every rank gets every batch's metrics (on the CPU, to travel)
         mine = [(i, {k: v.cpu() for k, v in m.items()}) for i, m in mine]
     batches = sorted((b for rank in group.gather(mine) for b in rank), key=lambda b: b[0])
     return {k: mean_ci95(torch.cat([m[k] for _, m in batches])) for k in (batches[0][1] if batches else {})}
+
+
+def _same_shape_batches(tasks: list[TaskBatch]) -> list[TaskBatch]:
+    """Consecutive tasks of the same shapes, each run concatenated into one batch (in order)."""
+    runs: list[tuple[list[tuple[int, ...]], list[TaskBatch]]] = []
+    for task in tasks:
+        shape = [tuple(getattr(task, f.name).shape[1:]) for f in fields(TaskBatch)]
+        if runs and shape == runs[-1][0]:
+            runs[-1][1].append(task)
+        else:
+            runs.append((shape, [task]))
+    return [TaskBatch.cat(run) for _, run in runs]
 
 
 def score_checkpoint(algo: Algorithm, path: Path, cfg: RunConfig, test_store: ClassStore, seed: int,
@@ -281,6 +321,10 @@ class Trainer:
         # Rank 0 first: a mistake in the config is then reported once, by rank 0.
         self.algo = self.group.main_first(lambda: build_algorithm(cfg, self.stores["train"])).to(self.device)
         self.group.broadcast_module(self.algo)
+        self.problem = problem_record(cfg, self.stores["train"])  # in every checkpoint, for metalearn eval
+        if self.group.is_main:
+            for partial in checkpoint.remove_partial(self.ckpt_dir):  # a write cut short by a kill
+                log.info("removed %s, a checkpoint write that did not finish", partial)
         self.optimizer, self.scheduler = build_optimizer(cfg, self.algo.parameters())
         self.sampler = self.stores["train"].sampler(cfg.ways, cfg.shots, cfg.queries, cfg.meta_batch_size, cfg.seed,
                                                     training=True)
@@ -317,7 +361,7 @@ class Trainer:
                 optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
                 sampler=self.sampler.state_dict(), rng=rng[0], **({"rng_ranks": rng} if len(rng) > 1 else {}),
                 best={"value": self.best.value, "step": self.best.step}, val_pending=val_pending,
-                metric=self.algo.primary_metric, config=to_dict(self.cfg),
+                metric=self.algo.primary_metric, config=to_dict(self.cfg), problem=self.problem,
             )
         self.group.barrier()  # the others read best.pt for the test
 
@@ -326,10 +370,20 @@ class Trainer:
         if signum is not None:
             raise _Interrupted
 
+    def _between_batches(self, phase: str) -> Callable[[], None]:
+        """Before each evaluation round: the stop check (and the testing hook's fault point)."""
+        rounds = iter(range(1 << 62))
+
+        def between() -> None:
+            faults.point(phase, self.step, next(rounds), self.group.rank)
+            self._check_stop()
+
+        return between
+
     def evaluate(self, split: str, episodes: int, seed: int) -> dict[str, dict[str, float]]:
         e = self.cfg.eval
         return evaluate(self.algo, self.stores[split], e.ways, e.shots, e.queries, episodes, e.batch_size, seed,
-                        self.device, between_batches=self._check_stop, group=self.group,
+                        self.device, between_batches=self._between_batches(split), group=self.group,
                         precision=self.cfg.device.precision)
 
     def validate(self, tb: TensorBoard) -> None:
@@ -346,7 +400,7 @@ class Trainer:
     def test(self) -> dict:
         """Evaluate the best-validation weights on ``trainer.test_episodes`` fixed test episodes."""
         results = score_checkpoint(self.algo, self.ckpt_dir / "best.pt", self.cfg, self.stores["test"],
-                                  self.cfg.trainer.eval_seed + 1, self.device, between_batches=self._check_stop,
+                                  self.cfg.trainer.eval_seed + 1, self.device, between_batches=self._between_batches("test"),
                                   group=self.group)
         return {**results,
                 "best_val": {"metric": self.algo.primary_metric, "value": self.best.value, "step": self.best.step},
@@ -427,6 +481,7 @@ class Trainer:
         with autocast(self.device, self.cfg.device.precision):
             metrics = self.algo.meta_step(batch)
         self.group.average_gradients(params)  # several processes: the gradient of the whole meta-batch
+        faults.point("step", self.step + 1, rank=self.group.rank)  # the testing hook (metalearn/faults.py)
         if self.cfg.optim.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)
         self.optimizer.step()
@@ -479,3 +534,33 @@ def print_results(results: dict) -> None:
     print(f"test {shape}, checkpoint step {results['checkpoint_step']}:")
     for k, m in results["test"].items():
         print("  " + format_result(k, m, percent=k == "accuracy"))
+
+
+# ---------------------------------------------------------------- torchrun ranks > 0
+
+
+def follow(group: distributed.ProcessGroup) -> int:
+    """A rank > 0: receive rank 0's job, run the engine on it, leave the talking to rank 0."""
+    from metalearn.config import to_run_config
+
+    job = group.receive_job()
+    if "exit" in job:
+        return job["exit"]
+    try:
+        ckpt = checkpoint.load(job["checkpoint"]) if job["checkpoint"] else None
+        train(to_run_config(job["config"]), Path(job["run_dir"]), resume_from=ckpt)
+    except MetalearnError as e:  # printed with the rank, unless rank 0 failed the same way (it printed that)
+        group.report(str(e), e.exit_code)
+        return e.exit_code
+    except (Stopped, distributed.FollowerExit) as e:  # every rank stops together, and rank 0 said why
+        return e.exit_code
+    except distributed.PeerLost as e:
+        return e.code
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # noqa: BLE001 - a bug: its traceback, with the rank
+        group.failed(f"{type(e).__name__}: {e}", 1)
+        print(f"metalearn: rank {group.rank} crashed (a bug in metalearn; please report it with this traceback):\n"
+              f"{traceback.format_exc()}", file=sys.stderr, end="", flush=True)
+        return 1
+    return 0

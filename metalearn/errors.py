@@ -25,6 +25,12 @@ class CheckpointError(MetalearnError):
     """A checkpoint is missing, corrupt, or from an incompatible version."""
 
 
+class StorageError(MetalearnError):
+    """The disk refused a write: full, read-only, or not permitted."""
+
+    exit_code = 4
+
+
 class TrainingError(MetalearnError):
     """Training cannot go on (e.g. the loss became NaN)."""
 

@@ -1,12 +1,16 @@
 """Atomic writes: a temp file in the same directory, fsync, then os.replace.
 
 A crash or Ctrl-C mid-write leaves the previous file intact and at most a
-hidden ``.<name>.tmp-*`` file, never a half-written target.
+hidden ``.<name>.tmp-*`` file, never a half-written target. A write that the
+disk refuses (full, read-only, a quota) is one ``StorageError`` line naming the
+file, and the previous file stays as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
 import json
 import os
 import tempfile
@@ -15,24 +19,48 @@ from typing import Any, Iterator
 
 import torch
 
+from metalearn.errors import StorageError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside ``path``; on success it replaces ``path``, on error it is removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    except OSError as e:
+        raise _refused(path, e) from None
     os.close(fd)
     tmp = Path(tmp)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the target gets the usual permissions
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the target gets the usual permissions
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno not in _DISK_ERRORS:  # not the disk's refusal: e.g. a download's URLError inside the block
+            raise
+        raise _refused(path, e) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+#: What a file system answers when it refuses a write to a file already made (a missing file read inside
+#: the block, ENOENT, stays the caller's error).
+_DISK_ERRORS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _refused(path: Path, e: OSError) -> StorageError:
+    kept = f"; the previous {path.name} is kept" if path.exists() else ""
+    if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        fix = "free space on that disk, or put the run on another one (hydra.run.dir=...)"
+    else:
+        fix = "make that folder writable, or put the run elsewhere (hydra.run.dir=...)"
+    return StorageError(f"cannot write {path}: {e.strerror or e}{kept}; {fix}")
 
 
 def _umask() -> int:
@@ -42,8 +70,12 @@ def _umask() -> int:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    # Serialised in memory first: torch's own file writer reports a full disk as a RuntimeError without
+    # an errno; Python's write raises the OSError that names it.
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        tmp.write_bytes(buffer.getbuffer())
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -39,9 +39,10 @@ from typing import Any
 from metalearn.errors import ConfigError
 
 #: Keys that do not change what a run computes (or tell runs of one configuration apart): never columns,
-#: never part of a configuration's identity. ``seed`` is aggregated over.
+#: never part of a configuration's identity. ``seed`` is aggregated over; ``paper`` is a preset's published
+#: figure (``metalearn reproduce``), a description.
 RUN_LOCAL = ("seed", "resume", "device", "data.root", "data.download", "trainer.progress", "trainer.stop_at",
-             "eval.batch_size")
+             "eval.batch_size", "paper")
 #: Shown in the "same in every run" line when they are not swept.
 SUMMARY_KEYS = ("algo.name", "data.name", "backbone.name", "ways", "shots", "queries", "meta_batch_size", "steps",
                 "optim.lr")

@@ -40,7 +40,8 @@ EXTRAS = {"hydra/launcher/joblib": "joblib", "hydra/launcher/submitit_local": "s
 
 FAILED = "failed.json"  # in a failed sweep job's directory: {"error": one line, "kind": class name, "exit_code"}
 
-#: Keys that may differ between a sweep job's checkpoint and its config (as on ``resume=``).
+#: Keys that may differ between a sweep job's checkpoint and its config (as on ``resume=``; the same as
+#: ``metalearn.checkpoint.CHANGEABLE``, kept here so that the CLI starts without importing torch).
 CHANGEABLE = ("steps", "trainer.", "device.", "data.root", "eval.batch_size", "resume")
 
 _sweep: dict[str, Any] = {}  # this process's multirun: {"dir": Path, "start": float}, set by SweepReport
@@ -209,6 +210,12 @@ def sweeper_errors_raised(command: str, args: list[str]) -> Iterator[None]:
             os.environ.pop("HYDRA_FULL_ERROR", None)
         else:
             os.environ["HYDRA_FULL_ERROR"] = before
+
+
+#: The one line of an Optuna search none of whose trials failed or finished.
+NO_TRIAL_FINISHED = ("no trial of this Optuna search finished: each one stopped early (trainer.stop_at, with a checkpoint "
+                     "in its job directory), so the search has no best trial; search without trainer.stop_at (or with "
+                     "trainer.stop_at >= steps)")
 
 
 def no_trial_finished(error: Exception) -> bool:

@@ -44,6 +44,7 @@ Prints and writes (--out) one JSON object.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import resource
@@ -61,6 +62,7 @@ from metalearn.config import to_run_config
 from metalearn.data import TaskBatch
 from metalearn.engine import build_algorithm, build_optimizer, load_data, resolve_device
 from metalearn.hostmem import retain_freed_memory
+from metalearn.models import ops
 
 MAML_LIKE = ("maml", "metasgd")
 #: the algorithms with a reference here; protonet's --batched is loop or fold of its backbone's tasks
@@ -78,10 +80,13 @@ class RefConv4(nn.Module):
         self.conv = nn.ModuleList(nn.Conv2d(in_channels if i == 0 else hidden, hidden, 3, padding=1) for i in range(layers))
         self.bn = nn.ModuleList(nn.BatchNorm2d(hidden, track_running_stats=False) for _ in range(layers))
         self.head = nn.Linear(features, ways) if ways else nn.Identity()  # no head: the embedding (ProtoNet)
+        #: ReLU then 2x2 max-pool; ops.pool_relu (the same values and gradients, bitwise) where the decisions
+        #: are measured (gradient_agreement)
+        self.block_end = lambda x: F.max_pool2d(F.relu(x), 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for conv, bn in zip(self.conv, self.bn):
-            x = F.max_pool2d(F.relu(bn(conv(x))), 2)
+            x = self.block_end(bn(conv(x)))
         return self.head(x.flatten(1))
 
 
@@ -167,9 +172,11 @@ def engine_config(a, batched: str | None):
     """The run config of the engine side; ``batched`` is an algo.batched value, optionally with a task
     chunk after a colon (``fold:4``)."""
     algo = {"name": a.algo}
+    batched, kernels = batched or "", "exact"
+    if batched.endswith("+fast"):  # e.g. auto+fast: device.cpu_kernels=fast
+        kernels, batched = "fast", batched.removesuffix("+fast")
     if a.algo in MAML_LIKE:
         algo.update(first_order=a.first_order, inner_lr=a.inner_lr, inner_steps=a.inner_steps)
-        batched = batched or ""
         if batched.endswith("+ckpt"):  # e.g. loop+ckpt: algo.checkpoint_inner=true
             algo["checkpoint_inner"], batched = True, batched.removesuffix("+ckpt")
         mode, _, chunk = batched.partition(":")
@@ -179,7 +186,8 @@ def engine_config(a, batched: str | None):
             algo["task_chunk"] = int(chunk or a.task_chunk)
     return to_run_config({
         "algo": algo, "data": {"name": "glyphs", "train_classes": 100, "val_classes": 20, "test_classes": 20},
-        "backbone": {"name": "conv4", "hidden": a.hidden}, "device": {"type": a.device}, "ways": a.ways,
+        "backbone": {"name": "conv4", "hidden": a.hidden}, "device": {"type": a.device, "cpu_kernels": kernels},
+        "ways": a.ways,
         "shots": a.shots, "queries": a.queries, "meta_batch_size": a.meta_batch_size,
         "optim": {"name": "adam", "lr": a.outer_lr},
         "eval": {"ways": a.ways, "shots": a.shots, "queries": a.queries, "batch_size": a.meta_batch_size},
@@ -191,8 +199,9 @@ class Engine:
         cfg = engine_config(a, batched)
         torch.manual_seed(0)  # the same initial weights for every --batched value
         self.algo = build_algorithm(cfg, stores["train"]).to(device)
-        if a.algo == "protonet" and batched in ("loop", "fold"):  # the backbone's batch of tasks: one by one or as one
-            self.algo.backbone.fold_tasks = batched == "fold"
+        mode = (batched or "").removesuffix("+fast")
+        if a.algo == "protonet" and mode in ("loop", "fold"):  # the backbone's batch of tasks: one by one or as one
+            self.algo.backbone.fold_tasks = mode == "fold"
         self.optimizer, _ = build_optimizer(cfg, self.algo.parameters())
 
     def step(self, batch):
@@ -226,33 +235,90 @@ def float64_reference(engine: Engine, a, device) -> Reference:
     return ref
 
 
+def engine_grads(algo, batch) -> dict:
+    """The engine's meta-gradient on ``batch``, by reference parameter name (Meta-SGD's rates included)."""
+    algo.zero_grad(set_to_none=True)
+    algo.meta_step(batch)
+    got = {ref_name(k): p.grad.clone() for k, p in algo.named_parameters() if not k.startswith("inner_lrs")}
+    if hasattr(algo, "inner_lrs"):
+        got.update({ref_name("net." + k): r.grad.clone() for (k, _), r in zip(algo.net.named_parameters(), algo.inner_lrs)})
+    algo.zero_grad(set_to_none=True)
+    return got
+
+
+def as_float64(batch) -> TaskBatch:
+    f = lambda t: t.double() if t.is_floating_point() else t  # noqa: E731
+    return TaskBatch(*(f(getattr(batch, n)) for n in ("support_x", "support_y", "query_x", "query_y", "classes")))
+
+
+def tasks_of(batch, i: int, j: int) -> TaskBatch:
+    return TaskBatch(*(getattr(batch, n)[i:j] for n in ("support_x", "support_y", "query_x", "query_y", "classes")))
+
+
+def off(grads: dict, target: dict) -> float:
+    """Max abs difference over all tensors, relative to the target's largest entry: conv biases before
+    BatchNorm have gradients that are zero up to rounding, so entry-wise ratios would mean nothing."""
+    scale = max(t.abs().max().item() for t in target.values())
+    return max((grads[k].double() - target[k]).abs().max().item() for k in target) / scale
+
+
+def same_decisions(engine: Engine, a, batch, chunk: int = 4) -> dict:
+    """Each side's float32 meta-gradient against float64 *with its own max-pool and ReLU decisions*
+    (ops.Decisions: recorded in float32, replayed in float64): rounding alone, without the flips that
+    near-ties add (a flip moves a whole pixel's gradient, comes and goes with the data, and dwarfs the
+    rounding). Also the flips counted and the mean perturbation of the values the decisions are taken on.
+    ``chunk`` tasks at a time (the recorded activations are kept); the meta-gradient is their weighted sum."""
+    device = batch.support_x.device
+    algo64 = copy.deepcopy(engine.algo).double()
+    result = {}
+    for side in ("engine", "reference"):
+        got, truth, flips, perturbation, n = {}, {}, 0, 0.0, batch.num_tasks
+        for i in range(0, n, chunk):
+            part = tasks_of(batch, i, i + chunk)
+            w = part.num_tasks / n
+            with ops.Decisions("record") as record:
+                if side == "engine":
+                    g32 = engine_grads(engine.algo, part)
+                else:
+                    ref = Reference(engine.algo, a, device)
+                    ref.net.block_end = ops.pool_relu
+                    g32 = reference_grads(ref, part)
+            with record.replay() as replay:
+                if side == "engine":
+                    g64 = engine_grads(algo64, as_float64(part))
+                else:
+                    ref64 = float64_reference(engine, a, device)
+                    ref64.net.block_end = ops.pool_relu
+                    g64 = reference_grads(ref64, as_float64(part))
+            for k in g64:
+                got[k] = got.get(k, 0) + w * g32[k].double()
+                truth[k] = truth.get(k, 0) + w * g64[k]
+            flips += replay.flips
+            perturbation += w * replay.perturbation
+            del record, replay
+        result[side] = {"vs_float64": off(got, truth), "flips": flips, "perturbation": perturbation}
+    return {"engine_vs_float64_same_decisions": result["engine"]["vs_float64"],
+            "reference_vs_float64_same_decisions": result["reference"]["vs_float64"],
+            "decision_flips": {"engine": result["engine"]["flips"], "reference": result["reference"]["flips"]},
+            "decision_perturbation": {"engine": result["engine"]["perturbation"],
+                                      "reference": result["reference"]["perturbation"]}}
+
+
 def gradient_agreement(engine: Engine, a, batch) -> dict:
     """Engine vs reference meta-gradient from the same weights on the same batch, and each of them
-    against the reference computed in float64 (the float32 rounding error of either side)."""
+    against the reference computed in float64 (the float32 rounding error of either side), plainly
+    and with each side's own max-pool and ReLU decisions (``same_decisions``)."""
     device = batch.support_x.device
-    engine.algo.zero_grad(set_to_none=True)
-    engine.algo.meta_step(batch)
-    got = {ref_name(k): p.grad.clone() for k, p in engine.algo.named_parameters() if not k.startswith("inner_lrs")}
-    if hasattr(engine.algo, "inner_lrs"):
-        got.update({ref_name("net." + k): r.grad.clone() for (k, _), r in zip(engine.algo.net.named_parameters(),
-                                                                           engine.algo.inner_lrs)})
-    engine.algo.zero_grad(set_to_none=True)
+    got = engine_grads(engine.algo, batch)
     want = reference_grads(Reference(engine.algo, a, device), batch)
-    as_float64 = lambda t: t.double() if t.is_floating_point() else t  # noqa: E731
-    truth = reference_grads(float64_reference(engine, a, device), TaskBatch(
-        *(as_float64(getattr(batch, f)) for f in ("support_x", "support_y", "query_x", "query_y", "classes"))))
-
-    def off(grads: dict, target: dict) -> tuple[float, str]:
-        worst = max(target, key=lambda k: (grads[k].double() - target[k]).abs().max().item())
-        return (grads[worst].double() - target[worst]).abs().max().item(), worst
-
+    truth = reference_grads(float64_reference(engine, a, device), as_float64(batch))
     scale = max(w.abs().max().item() for w in want.values())
-    max_abs, worst = off(got, want)
-    truth_scale = max(w.abs().max().item() for w in truth.values())
+    worst = max(want, key=lambda k: (got[k].double() - want[k].double()).abs().max().item())
+    max_abs = (got[worst].double() - want[worst].double()).abs().max().item()
     return {"max_abs_diff": max_abs, "max_rel_diff": max_abs / scale, "largest_gradient": scale, "worst_tensor": worst,
             # relative to the largest entry, as above; float32 rounding, each side against float64
-            "engine_vs_float64": off(got, truth)[0] / truth_scale,
-            "reference_vs_float64": off(want, truth)[0] / truth_scale}
+            "engine_vs_float64": off(got, truth), "reference_vs_float64": off(want, truth),
+            **same_decisions(engine, a, batch)}
 
 
 def time_alternating(sides: dict, batches: list, warmup: int, repeats: int, sync) -> dict[str, list[float]]:
@@ -334,8 +400,8 @@ def main() -> None:
     p.add_argument("--first-order", action="store_true")
     p.add_argument("--batched", default="auto",
                    help="comma-separated algo.batched values to time, each against the reference (maml, metasgd); "
-                        "MODE:N also sets algo.task_chunk=N, MODE+ckpt algo.checkpoint_inner=true, "
-                        "e.g. auto,loop,fold:4,fold:16,loop+ckpt")
+                        "MODE:N also sets algo.task_chunk=N, MODE+ckpt algo.checkpoint_inner=true, a last +fast "
+                        "device.cpu_kernels=fast, e.g. auto,auto+fast,loop,fold:4,fold:16,loop+ckpt (protonet: loop,fold)")
     p.add_argument("--task-chunk", type=int, default=0, help="algo.task_chunk (0: the algorithm's automatic choice)")
     p.add_argument("--device", default="auto")
     p.add_argument("--warmup", type=int, default=2)

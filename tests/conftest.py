@@ -29,6 +29,13 @@ FAST = [
     "trainer.val_episodes=20", "trainer.test_episodes=20", "trainer.ckpt_every=10",
 ]
 
+#: FAST cut to the plumbing (4 steps, validation and a checkpoint every 2, 4 episodes): for tests of
+#: sweeps, launchers and resuming, where the numbers do not matter, only that every stage runs.
+TINY = [a for a in FAST if not a.startswith(("steps=", "trainer."))] + [
+    "steps=4", "trainer.log_every=2", "trainer.val_every=2", "trainer.val_episodes=4", "trainer.test_episodes=4",
+    "trainer.ckpt_every=2",
+]
+
 
 
 def zero_gradient(name: str) -> bool:
@@ -51,16 +58,27 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 
 def run_cli(args: list[str], cwd: str | os.PathLike, env: dict[str, str] | None = None,
-            timeout: float = 300) -> subprocess.CompletedProcess:
-    """``python -m metalearn *args`` in ``cwd``; stdout and stderr captured as text."""
+            timeout: float = 300, file_size_limit: int | None = None) -> subprocess.CompletedProcess:
+    """``python -m metalearn *args`` in ``cwd``; stdout and stderr captured as text.
+
+    ``file_size_limit``: bytes the process may write to any one file (a full disk, simulated: a write past
+    it fails with EFBIG, as one past a full disk fails with ENOSPC)."""
+    def limit() -> None:
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+
     return subprocess.run([sys.executable, "-m", "metalearn", *map(str, args)], cwd=cwd, env=env or cli_env(),
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=limit if file_size_limit is not None else None)
 
 
-def run_many(jobs: dict[str, tuple[list[str], Path]]) -> dict[str, subprocess.CompletedProcess]:
-    """Several independent ``run_cli(args, cwd)`` at once (one per core), keyed like ``jobs``."""
+def run_many(jobs: dict[str, tuple]) -> dict[str, subprocess.CompletedProcess]:
+    """Several independent ``run_cli(args, cwd[, file_size_limit])`` at once (one per core), keyed like ``jobs``."""
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
-        futures = {name: pool.submit(run_cli, args, cwd) for name, (args, cwd) in jobs.items()}
+        futures = {name: pool.submit(run_cli, job[0], job[1], None, 300, *job[2:]) for name, job in jobs.items()}
         return {name: f.result() for name, f in futures.items()}
 
 
@@ -79,6 +97,7 @@ class CLI:
     """The helpers above, as the ``cli`` fixture: ``cli.run(args, cwd)``, ``cli.FAST`` ..."""
 
     FAST = FAST
+    TINY = TINY
     REPO = REPO
     env = staticmethod(cli_env)
     run = staticmethod(run_cli)
@@ -164,8 +183,9 @@ class Learning:
             self._stores = engine.load_data(learning_config("protonet", steps=1), torch.device("cpu"))
         return self._stores
 
-    def run(self, cfg, stores: dict | None = None) -> tuple[float, float, float]:
-        """``stores``: other task sources than the shared glyphs (e.g. ``data=features`` of them)."""
+    def run(self, cfg, stores: dict | None = None, episodes: int = LEARNING_TEST_EPISODES) -> tuple[float, float, float]:
+        """``stores``: other task sources than the shared glyphs (e.g. ``data=features`` of them); ``episodes``:
+        test episodes of each accuracy."""
         import time
 
         import torch
@@ -178,7 +198,7 @@ class Learning:
         optimizer, scheduler = engine.build_optimizer(cfg, algo.parameters())
 
         def test_accuracy() -> float:
-            return engine.evaluate(algo, stores["test"], e.ways, e.shots, e.queries, LEARNING_TEST_EPISODES,
+            return engine.evaluate(algo, stores["test"], e.ways, e.shots, e.queries, episodes,
                                    e.batch_size, 1, cpu, precision=cfg.device.precision)["accuracy"]["mean"]
 
         before = test_accuracy()
@@ -232,3 +252,21 @@ def http_server():
     httpd.shutdown()
     httpd.server_close()
     thread.join()
+
+
+# ---------------------------------------------------------------- CPU profile of the suite
+
+if os.environ.get("METALEARN_TEST_CPU"):  # a file: each test's CPU seconds (its own and its subprocesses')
+    import json
+    import resource
+
+    def _cpu() -> float:
+        own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_protocol(item, nextitem):
+        start = _cpu()
+        yield
+        with open(os.environ["METALEARN_TEST_CPU"], "a") as f:
+            f.write(json.dumps({"test": item.nodeid, "cpu": round(_cpu() - start, 2)}) + "\n")

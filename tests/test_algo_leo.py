@@ -308,10 +308,11 @@ def test_baseline_then_leo_through_the_cli(cli, baseline_run, tmp_path):
 
 
 def test_registered_and_preset_is_a_valid_config():
-    from hydra import compose, initialize_config_module
+    from hydra import compose
+    from metalearn import confdir
 
     assert algorithm_module("leo") is leo_mod
-    with initialize_config_module("metalearn.conf", version_base="1.3"):
+    with confdir.initialized():
         cfg = to_run_config(compose("config", overrides=["experiment=leo_miniimagenet_5w1s"]))
     assert (cfg.algo.name, cfg.data.name, cfg.data.source, cfg.backbone.name) == ("leo", "features", "miniimagenet", "identity")
     assert (cfg.ways, cfg.shots, cfg.queries, cfg.meta_batch_size) == (5, 1, 15, 12)

@@ -257,9 +257,10 @@ def test_trains_through_the_cli(name, cli, cli_runs):
 
 
 def test_preset_is_a_valid_config():
-    from hydra import compose, initialize_config_module
+    from hydra import compose
+    from metalearn import confdir
 
-    with initialize_config_module("metalearn.conf", version_base="1.3"):
+    with confdir.initialized():
         cfg = to_run_config(compose("config", overrides=["experiment=matchingnet_omniglot_5w1s"]))
     assert cfg.algo.name == "matchingnet" and cfg.data.name == "omniglot" and (cfg.ways, cfg.shots) == (5, 1)
     assert (cfg.eval.ways, cfg.eval.shots, cfg.eval.queries) == (5, 1, 15)

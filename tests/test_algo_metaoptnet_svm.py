@@ -328,10 +328,11 @@ def test_trains_through_the_cli(cli, tmp_path):
 
 
 def test_registered_and_preset_is_a_valid_config():
-    from hydra import compose, initialize_config_module
+    from hydra import compose
+    from metalearn import confdir
 
     assert algorithm_module("metaoptnet_svm") is svm_mod
-    with initialize_config_module("metalearn.conf", version_base="1.3"):
+    with confdir.initialized():
         cfg = to_run_config(compose("config", overrides=["experiment=metaoptnet_svm_omniglot_5w1s"]))
     assert cfg.algo.name == "metaoptnet_svm" and cfg.data.name == "omniglot"
     assert (cfg.ways, cfg.shots, cfg.queries, cfg.meta_batch_size, cfg.steps) == (5, 5, 6, 8, 60000)

@@ -226,10 +226,11 @@ def test_trains_through_the_cli(cli, tmp_path):
 
 
 def test_registered_and_preset_is_a_valid_config():
-    from hydra import compose, initialize_config_module
+    from hydra import compose
+    from metalearn import confdir
 
     assert algorithm_module("r2d2") is r2d2_mod
-    with initialize_config_module("metalearn.conf", version_base="1.3"):
+    with confdir.initialized():
         cfg = to_run_config(compose("config", overrides=["experiment=r2d2_omniglot_5w1s"]))
     assert cfg.algo.name == "r2d2" and cfg.data.name == "omniglot"
     assert (cfg.ways, cfg.shots, cfg.queries, cfg.meta_batch_size) == (60, 1, 9, 1)  # 600 images an episode

@@ -149,9 +149,10 @@ def test_conv4_pool_layers_errors():
 
 
 def test_conv4_pool_layers_in_the_config_group():
-    from hydra import compose, initialize_config_module
+    from hydra import compose
+    from metalearn import confdir
 
-    with initialize_config_module("metalearn.conf", version_base="1.3"):
+    with confdir.initialized():
         assert to_run_config(compose("config")).backbone.pool_layers is None
         cfg = to_run_config(compose("config", overrides=["backbone.pool_layers=2"]))
     assert cfg.backbone.pool_layers == 2
@@ -313,9 +314,10 @@ def test_trains_through_the_cli(cli, tmp_path):
 
 
 def test_preset_is_a_valid_config():
-    from hydra import compose, initialize_config_module
+    from hydra import compose
+    from metalearn import confdir
 
-    with initialize_config_module("metalearn.conf", version_base="1.3"):
+    with confdir.initialized():
         cfg = to_run_config(compose("config", overrides=["experiment=relationnet_omniglot_5w1s"]))
     assert cfg.algo.name == "relationnet" and cfg.data.name == "omniglot" and (cfg.ways, cfg.shots) == (5, 1)
     assert (cfg.queries, cfg.meta_batch_size) == (19, 1)  # the paper's episodes, one per update

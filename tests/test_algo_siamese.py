@@ -191,9 +191,10 @@ def test_trains_through_the_cli(cli, tmp_path):
 
 
 def test_preset_is_a_valid_config():
-    from hydra import compose, initialize_config_module
+    from hydra import compose
+    from metalearn import confdir
 
-    with initialize_config_module("metalearn.conf", version_base="1.3"):
+    with confdir.initialized():
         cfg = to_run_config(compose("config", overrides=["experiment=siamese_omniglot_20w1s"]))
     assert cfg.algo.name == "siamese" and cfg.algo.loss == "bce" and cfg.data.name == "omniglot"
     assert (cfg.eval.ways, cfg.eval.shots) == (20, 1)

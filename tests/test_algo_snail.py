@@ -274,9 +274,10 @@ def test_trains_and_evaluates_through_the_cli(cli, cli_run):
 
 
 def test_preset_is_a_valid_config():
-    from hydra import compose, initialize_config_module
+    from hydra import compose
+    from metalearn import confdir
 
-    with initialize_config_module("metalearn.conf", version_base="1.3"):
+    with confdir.initialized():
         cfg = to_run_config(compose("config", overrides=["experiment=snail_omniglot_5w1s"]))
     assert cfg.algo.name == "snail" and cfg.data.name == "omniglot" and (cfg.ways, cfg.shots) == (5, 1)
     assert (cfg.algo.attention_keys, cfg.algo.attention_values, cfg.algo.filters) == ([64, 256, 512], [32, 128, 256], 128)

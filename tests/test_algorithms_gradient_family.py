@@ -491,24 +491,25 @@ def test_sweep_over_every_algorithm(cli, tmp_path):
     # apply), mamlpp's default BNWB needs the norms, and a sweep cannot set a key for one of its options:
     # metanet runs through the CLI in its own test (test_algo_metanet.py).
     names = [name for name in ALGORITHMS if name != "metanet"]
-    proc = cli.run(["train", "-m", f"algo={','.join(names)}", *cli.FAST, f"hydra.sweep.dir={sweep}"], tmp_path,
+    proc = cli.run(["train", "-m", f"algo={','.join(names)}", *cli.TINY, f"hydra.sweep.dir={sweep}"], tmp_path,
                    timeout=900)
     assert proc.returncode == 0, cli.describe(proc)
     jobs = [f"{i}_algo={name}" for i, name in enumerate(names)]
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == sorted(jobs)
     for job, name in zip(jobs, names):
         results = json.loads((sweep / job / "results.json").read_text())
-        assert results["test"]["accuracy"]["episodes"] == 20, job
+        assert results["test"]["accuracy"]["episodes"] == 4, job
         ckpt = torch.load(sweep / job / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)
         assert ckpt["config"]["algo"]["name"] == name
 
 
 @pytest.mark.parametrize("name", NEW)
 def test_preset_is_a_valid_config(name):
-    from hydra import compose, initialize_config_module
+    from hydra import compose
+    from metalearn import confdir
 
     ways = 20 if name == "anil" else 5  # ANIL's Omniglot results are 20-way only
-    with initialize_config_module("metalearn.conf", version_base="1.3"):
+    with confdir.initialized():
         cfg = to_run_config(compose("config", overrides=[f"experiment={name}_omniglot_{ways}w1s"]))
     assert cfg.algo.name == name and cfg.data.name == "omniglot" and (cfg.ways, cfg.shots) == (ways, 1)
     assert (cfg.eval.ways, cfg.eval.shots, cfg.eval.queries) == (ways, 1, 15)

@@ -95,10 +95,11 @@ def plain_resnet(p: dict, x: torch.Tensor, prefix: str = "") -> torch.Tensor:
 
 
 def test_registered_and_presets_compose():
-    from hydra import compose, initialize_config_module
+    from hydra import compose
+    from metalearn import confdir
 
     assert backbone_module("resnet12") is resnet12
-    with initialize_config_module("metalearn.conf", version_base="1.3"):
+    with confdir.initialized():
         runs = {o: to_run_config(compose("config", overrides=[f"backbone={o}"])) for o in ("resnet12", "conv4_32", "conv4_64")}
         small = to_run_config(compose("config", overrides=["backbone=resnet12", "backbone.channels=[8,8,16,16]"]))
     assert runs["resnet12"].backbone == resnet12.Config()

@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -197,10 +198,9 @@ def test_stop_and_resume_gives_the_same_results(cli, trained_run, tmp_path):
 # ---------------------------------------------------------------- multirun
 
 
-@pytest.mark.slow
 def test_multirun_sweep(cli, tmp_path):
     sweep = tmp_path / "sweep"
-    args = cli.with_overrides(cli.FAST, "steps=10")
+    args = cli.TINY
     proc = cli.run(["train", "-m", "algo=maml,protonet", "shots=1,5", *args, f"hydra.sweep.dir={sweep}"], tmp_path)
     assert proc.returncode == 0, cli.describe(proc)
     names = ["0_algo=maml,shots=1", "1_algo=maml,shots=5", "2_algo=protonet,shots=1", "3_algo=protonet,shots=5"]
@@ -225,9 +225,10 @@ def test_multirun_sweep(cli, tmp_path):
 # ---------------------------------------------------------------- the installed wheel
 
 
-@pytest.mark.slow
 def test_wheel_install_runs_from_its_own_configs(cli, tmp_path):
-    dist, site, work = tmp_path / "dist", tmp_path / "site", tmp_path / "work"
+    """A real wheel, installed by pip into a fresh virtual environment, runs from a directory far
+    from the source tree with the configs it carries (the top-level conf/, as metalearn/conf/)."""
+    dist, venv, work = tmp_path / "dist", tmp_path / "venv", tmp_path / "work"
     work.mkdir()
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
     build = subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(dist), str(cli.REPO)],
@@ -235,19 +236,36 @@ def test_wheel_install_runs_from_its_own_configs(cli, tmp_path):
     assert build.returncode == 0, cli.describe(build)
     wheels = list(dist.glob("metalearn-*.whl"))
     assert len(wheels) == 1, wheels
-    install = subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheels[0])],
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        names = set(wheel.namelist())
+    assert {"metalearn/conf/config.yaml", "metalearn/conf/algo/maml.yaml", "metalearn/conf/data/glyphs.yaml"} <= names
+    assert not any(n.startswith("conf/") for n in names), "conf/ belongs inside the package in a wheel"
+
+    # A fresh venv (no pip, no metalearn); the dependencies (torch, hydra, ...) come from this
+    # environment's site-packages through a .pth line. Its own .pth files (this checkout's editable
+    # install) are not read from there, so only the wheel can provide metalearn.
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    fresh_site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                     capture_output=True, text=True, check=True).stdout.strip())
+    deps = [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
+    (fresh_site / "deps.pth").write_text("\n".join(deps) + "\n")
+    install = subprocess.run([*pip, "--python", str(python), "install", "--no-deps", str(wheels[0])],
                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert install.returncode == 0, cli.describe(install)
 
-    env = cli.env(PYTHONPATH=str(site))
-    where = subprocess.run([sys.executable, "-c", "import metalearn, metalearn.cli; print(metalearn.__file__)"],
+    env = cli.env()
+    env.pop("PYTHONPATH", None)
+    where = subprocess.run([str(python), "-c", "import metalearn.confdir as c; print(c.__file__); print(c.CONF_DIR)"],
                            cwd=work, env=env, capture_output=True, text=True, timeout=120)
     assert where.returncode == 0, cli.describe(where)
-    assert Path(where.stdout.strip()).resolve().is_relative_to(site.resolve()), where.stdout
-    assert (site / "metalearn" / "conf" / "config.yaml").is_file()
+    module, conf = map(Path, where.stdout.split())
+    assert module.resolve().is_relative_to(fresh_site.resolve()), where.stdout
+    assert conf.resolve() == (fresh_site / "metalearn" / "conf").resolve(), where.stdout
 
     run = work / "run"
-    proc = cli.run(["train", *cli.FAST, f"hydra.run.dir={run}"], work, env=env)
+    proc = subprocess.run([str(venv / "bin" / "metalearn"), "train", *cli.TINY, f"hydra.run.dir={run}"], cwd=work,
+                          env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, cli.describe(proc)
     assert (run / "results.json").is_file() and (run / "checkpoints" / "best.pt").is_file()
 
@@ -269,4 +287,4 @@ def test_completion_of_group_options(cli, tmp_path):
 def test_completion_of_command_names(cli, tmp_path):
     proc = complete(cli, "metalearn ", tmp_path)
     assert proc.returncode == 0, cli.describe(proc)
-    assert proc.stdout.split() == ["train", "eval", "data", "report"]
+    assert proc.stdout.split() == ["train", "eval", "data", "report", "reproduce"]

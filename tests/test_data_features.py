@@ -40,8 +40,8 @@ def test_features_are_the_backbones_embeddings(baseline_run, tmp_path):
         assert whole[split].input_shape == (32,) and whole[split].images.dtype == torch.float32
     with torch.no_grad():
         expected = net(images["val"].images.float() / 255)
-    # Another order of the same images: the same statistics up to float32 rounding, which PyTorch's
-    # channels-last BatchNorm on CPU (models/ops.py) accumulates in one pass over the 100 x 14 x 14 values.
+    # Another order of the same images: the same statistics up to the float32 rounding of their sums
+    # over the 100 x H x W values (models/ops.py), which depends on the order.
     torch.testing.assert_close(whole["val"].images, expected, rtol=1e-4, atol=1e-4)
     # chunks: near-equal parts of a fixed random order (seed 0), each normalised on its own
     chunked = features.load(features.Config(run=str(baseline_run), root=str(tmp_path / "b"), batch_size=30))

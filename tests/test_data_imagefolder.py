@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_module
+from hydra import compose
+from metalearn import confdir
 from PIL import Image
 
 from metalearn.config import to_run_config
@@ -208,7 +209,7 @@ def test_relative_path_is_taken_from_the_working_directory(tree, monkeypatch):
 
 
 def test_yaml_composes_with_the_config():
-    with initialize_config_module(config_module="metalearn.conf", version_base="1.3"):
+    with confdir.initialized():
         cfg = compose("config", overrides=["data=imagefolder", "data.path=x", "data.train=[A]", "data.val=[B]", "data.test=[C]"])
     data = to_run_config(cfg).data
     assert isinstance(data, imagefolder.Config) and Path(data.path).is_absolute()

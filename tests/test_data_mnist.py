@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_module
+from hydra import compose
 
+from metalearn import confdir
 from metalearn.config import to_run_config
 from metalearn.data import doublemnist, mnist
 from metalearn.data.transforms import channel_stats
@@ -71,7 +72,7 @@ def put_files(root: Path, files: dict[str, bytes] = FILES) -> Path:
 
 
 def composed_config(name: str):
-    with initialize_config_module(config_module="metalearn.conf", version_base="1.3"):
+    with confdir.initialized():
         return to_run_config(compose("config", overrides=[f"data={name}"])).data
 
 

@@ -167,3 +167,37 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(cli, tmp_path
     assert stopped[0].endswith(f"continue with: torchrun --nproc_per_node=2 -m metalearn train resume={tmp_path / 'run'}")
     assert torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["step"] == step
     assert "Traceback" not in err.split("metalearn: interrupted")[0]
+
+
+def run_torchrun_with_fault(args: list[str], cwd: Path, fault: str) -> subprocess.CompletedProcess:
+    return subprocess.run(torchrun_cmd(args), cwd=cwd, env=cli_env(METALEARN_FAULT=fault), capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_a_failure_on_rank_1_only_reaches_the_console_once_and_ends_every_process(cli, tmp_path):
+    """Rank 1 alone fails at step 3 (the testing hook METALEARN_FAULT, metalearn/faults.py): its line, with its rank,
+    once; rank 0 (waiting in a collective) ends too, quietly, and the job exits non-zero. Rank 1 SIGKILLed instead
+    leaves no message of its own: rank 0 says so in one line."""
+    args = ["train", *with_overrides(CONFIG, "steps=6", "trainer.val_every=100", "trainer.ckpt_every=100")]
+    raised, killed = in_parallel(
+        (run_torchrun_with_fault, [*args, "hydra.run.dir=raised"], tmp_path, "raise_at=step:3@1"),
+        (run_torchrun_with_fault, [*args, "hydra.run.dir=killed"], tmp_path, "kill_at=step:3@1"))
+    for proc in (raised, killed):
+        assert proc.returncode != 0, describe(proc)
+        assert "Traceback" not in proc.stderr.split("metalearn: error:")[-1].split("\n", 1)[0]
+    errors = [line for line in raised.stderr.splitlines() if line.startswith("metalearn: ")]
+    assert errors == ["metalearn: error: rank 1: a fault injected by METALEARN_FAULT=raise_at=step:3@1 "
+                      "(a testing hook); unset it"], describe(raised)
+    assert "Traceback" not in raised.stderr.split("metalearn: error:")[0], describe(raised)
+    errors = [line for line in killed.stderr.splitlines() if line.startswith("metalearn: ")]
+    assert len(errors) == 1 and errors[0].startswith(
+        "metalearn: error: another process of this torchrun job ended without a message"), describe(killed)
+    for run in (tmp_path / "raised", tmp_path / "killed"):
+        assert not (run / "results.json").exists()
+
+
+def test_the_process_group_module_does_not_import_the_engine():
+    """The dependency runs one way: engine -> distributed (the torchrun followers' loop is ``engine.follow``)."""
+    code = "import sys, metalearn.distributed; assert 'metalearn.engine' not in sys.modules, sorted(sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import io
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -68,12 +69,49 @@ MISTAKES = {
     "resume of a missing run": (["train", "resume={tmp}/nope"], ["{tmp}/nope"], 2),
     "resume with fewer steps than done": (["train", "resume={files}/run", "steps=5"],
                                           ["checkpoint is at step 20", "past steps=5", "steps>=20"], 2),
+    "resume of a truncated last.pt": (["train", "resume={files}/truncated_run"],
+                                      ["{files}/truncated_run/checkpoints/last.pt", "corrupt",
+                                       "to resume from {files}/truncated_run/checkpoints/best.pt (step 10) copy it over last.pt"], 2),
+    "resume of a last.pt that is no checkpoint": (["train", "resume={files}/foreign_run"],
+                                                  ["{files}/foreign_run/checkpoints/last.pt", "not a metalearn checkpoint",
+                                                   "start a new run"], 2),
+    "resume of another run's last.pt": (["train", "resume={files}/other_run"],
+                                        ["{files}/other_run/checkpoints/last.pt", "another run's checkpoint",
+                                         "seed=7 in it, 0 in {files}/other_run/.hydra/config.yaml", "start a new run"], 2),
+    "resume of a run killed before its first checkpoint": (["train", "resume={files}/unstarted_run"],
+                                                           ["{files}/unstarted_run", "before its first checkpoint",
+                                                            "nothing to resume", "overrides.yaml"], 2),
+    "resume of a directory that is not a run": (["train", "resume={tmp}"], ["{tmp} has no checkpoints/last.pt",
+                                                                          "run directory"], 2),
+    "device=cuda without CUDA": (["train", *FAST, "device=cuda", "hydra.run.dir={tmp}/run"],
+                                 ["device=cuda", "no CUDA GPU", "device=cpu"], 2),
+    "corrupt image file": (["train", "data=imagefolder", "data.path={files}/images", "data.root={tmp}/data",
+                            "data.image_size=8", "hydra.run.dir={tmp}/run"],
+                           ["cannot read image {files}/images/c2/broken.png", "replace or delete that file"], 2),
+    "corrupt or truncated archive": (["train", "data=omniglot", "data.root={files}/archives", "data.download=false",
+                                      "hydra.run.dir={tmp}/run"],
+                                     ["{files}/archives/omniglot/images_background.zip is corrupt",
+                                      "delete it and run again"], 2),
+    "report of an empty directory": (["report", "{tmp}"], ["no runs under {tmp}", "give a run or sweep directory"], 2),
     "classifier on regression data": (["train", "data=sinusoid", "backbone=mlp", "algo=matchingnet"],
                                       ["algo=matchingnet", "classification", "sinusoid is regression", "maml"], 2),
     "image backbone on vectors": (["train", "data=sinusoid", "backbone=resnet12"], ["backbone=resnet12", "backbone=mlp"], 2),
     "vector backbone on images": (["train", "data=glyphs", "backbone=mlp"], ["backbone=mlp", "1x28x28", "conv4"], 2),
     "data command without action": (["data"], ["usage: metalearn data info|prepare"], 2),
+    "run directory on a read-only file system": (["train", *FAST, "hydra.run.dir=/proc/metalearn-run"],
+                                                 ["cannot create the run directory /proc/metalearn-run",
+                                                  "hydra.run.dir="], 2),
+    "disk full while saving a checkpoint": (["train", *FAST, "hydra.run.dir={tmp}/run"],
+                                            ["cannot write {tmp}/run/checkpoints/", "free space"], 4),
 }
+
+#: Cases run with a limit on the bytes written to one file (conftest.run_cli): a full disk, simulated.
+FILE_SIZE_LIMIT = {"disk full while saving a checkpoint": 60_000}  # a FAST checkpoint is about 130 kB
+
+
+#: Cases that only fail as described on some machines.
+ONLY_IF = {"device=cuda without CUDA": (not torch.cuda.is_available(), "this machine has CUDA"),
+           "run directory on a read-only file system": (Path("/proc/self").is_dir(), "no /proc here")}
 
 
 def slug(name: str) -> str:
@@ -92,6 +130,33 @@ def make_checkpoint_files(folder: Path, run: Path) -> None:
     torch.save(ckpt, folder / "resized.pt")
     (folder / "run" / "checkpoints").mkdir(parents=True)  # a finished run of its own to resume
     (folder / "run" / "checkpoints" / "last.pt").write_bytes(last.read_bytes())
+    # Run directories (their recorded config, .hydra/) whose last.pt went wrong, or was never written.
+    for name in ("truncated_run", "foreign_run", "other_run", "unstarted_run"):
+        shutil.copytree(run / ".hydra", folder / name / ".hydra")
+        (folder / name / "checkpoints").mkdir()
+    shutil.copy(run / "checkpoints" / "best.pt", folder / "truncated_run" / "checkpoints" / "best.pt")
+    shutil.copy(folder / "truncated.pt", folder / "truncated_run" / "checkpoints" / "last.pt")
+    shutil.copy(folder / "foreign.pt", folder / "foreign_run" / "checkpoints" / "last.pt")
+    ckpt = torch.load(last, weights_only=True)
+    ckpt["config"]["seed"] = 7
+    torch.save(ckpt, folder / "other_run" / "checkpoints" / "last.pt")
+
+
+def make_data_files(folder: Path) -> None:
+    """An image folder of 5 classes with one unreadable PNG; Omniglot archives cut short."""
+    from PIL import Image
+
+    for c in range(5):
+        for i in range(2):
+            (folder / "images" / f"c{c}").mkdir(parents=True, exist_ok=True)
+            Image.new("L", (8, 8), 40 * c + i).save(folder / "images" / f"c{c}" / f"{i}.png")
+    (folder / "images" / "c2" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    (folder / "archives" / "omniglot").mkdir(parents=True)
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("images_background/Latin/character01/0001_01.png", b"x" * 1000)
+    for name in ("images_background", "images_evaluation"):
+        (folder / "archives" / "omniglot" / f"{name}.zip").write_bytes(archive.getvalue()[:200])
 
 
 @pytest.fixture(scope="module")
@@ -100,13 +165,16 @@ def mistakes(cli, trained_run, tmp_path_factory) -> dict[str, tuple[subprocess.C
     root = tmp_path_factory.mktemp("mistakes")
     files = root / "files"
     make_checkpoint_files(files, trained_run)
+    make_data_files(files)
     jobs, folders = {}, {}
     for name, (args, _, _) in MISTAKES.items():
+        if not ONLY_IF.get(name, (True,))[0]:
+            continue
         folders[name] = tmp = root / slug(name)
         tmp.mkdir()
-        jobs[name] = ([a.format(tmp=tmp, files=files) for a in args], tmp)
+        jobs[name] = ([a.format(tmp=tmp, files=files) for a in args], tmp, *([FILE_SIZE_LIMIT[name]] if name in FILE_SIZE_LIMIT else []))
     procs = cli.run_many(jobs)
-    return {name: (procs[name], folders[name]) for name in MISTAKES}
+    return {name: (procs[name], folders[name]) for name in jobs}
 
 
 def error_line(cli, proc: subprocess.CompletedProcess, code: int = 2) -> str:
@@ -120,12 +188,27 @@ def error_line(cli, proc: subprocess.CompletedProcess, code: int = 2) -> str:
 
 @pytest.mark.parametrize("name", list(MISTAKES))
 def test_mistake_gives_one_error_line(cli, mistakes, name):
+    if name not in mistakes:
+        pytest.skip(ONLY_IF[name][1])
     proc, tmp = mistakes[name]
     args, needles, code = MISTAKES[name]
     line = error_line(cli, proc, code)
     files = tmp.parent / "files"
     for needle in needles:
         assert needle.format(tmp=tmp, files=files) in line, line
+
+
+def test_readme_lists_every_mistake(cli):
+    """README.md's troubleshooting table is scripts/errors_table.py's output for MISTAKES (regenerate it with
+    ``python scripts/errors_table.py --write``)."""
+    sys.path.insert(0, str(cli.REPO / "scripts"))
+    try:
+        import errors_table
+    finally:
+        sys.path.remove(str(cli.REPO / "scripts"))
+    readme = (cli.REPO / "README.md").read_text()
+    assert errors_table.in_readme(readme, errors_table.render()) == readme, \
+        "README.md's errors table is out of date: run python scripts/errors_table.py --write"
 
 
 def test_nan_loss_keeps_the_last_good_checkpoint(mistakes):
@@ -146,6 +229,27 @@ def test_nan_before_any_checkpoint_does_not_promise_one(mistakes):
     assert "last.pt" not in proc.stderr, proc.stderr
 
 
+def test_failed_resumes_and_reports_write_nothing(mistakes):
+    """A refused resume leaves the run directory as it was (no new log, no temp file); a report of an
+    empty directory writes no report into it."""
+    files = mistakes["resume of a truncated last.pt"][1].parent / "files"
+    for run in ("truncated_run", "foreign_run", "other_run", "unstarted_run"):
+        assert sorted(p.name for p in (files / run).rglob("*") if p.is_file()) == sorted(
+            ["config.yaml", "hydra.yaml", "overrides.yaml"] + {"truncated_run": ["best.pt", "last.pt"],
+                                                                "unstarted_run": []}.get(run, ["last.pt"])), run
+    _, tmp = mistakes["report of an empty directory"]
+    assert not any(tmp.iterdir())
+    assert sorted(p.name for p in (files / "archives" / "omniglot").iterdir()) == ["images_background.zip",
+                                                                                   "images_evaluation.zip"]
+
+
+def test_a_full_disk_leaves_no_partial_checkpoint(mistakes):
+    """The refused checkpoint write left no file behind, not even a temp file; the run's log is there."""
+    _, tmp = mistakes["disk full while saving a checkpoint"]
+    assert list((tmp / "run" / "checkpoints").iterdir()) == []
+    assert (tmp / "run" / "train.log").is_file()
+
+
 def test_resume_of_a_missing_run_creates_nothing(mistakes):
     proc, tmp = mistakes["resume of a missing run"]
     assert proc.returncode == 2
@@ -158,7 +262,8 @@ def test_data_missing_while_offline_downloads_nothing(mistakes):
 
 
 def test_a_run_that_fails_before_training_leaves_no_directory(mistakes):
-    for name in ("data missing while offline", "image backbone on vectors", "classifier on regression data"):
+    for name in ("data missing while offline", "image backbone on vectors", "classifier on regression data",
+                 "corrupt image file", "corrupt or truncated archive", *(["device=cuda without CUDA"] * ("device=cuda without CUDA" in mistakes))):
         _, tmp = mistakes[name]
         assert not (tmp / "run").exists() and not (tmp / "outputs").exists(), (name, sorted(tmp.rglob("*")))
 
@@ -169,6 +274,19 @@ def test_a_failed_run_never_removes_files_it_did_not_write(cli, tmp_path):
     proc = cli.run(["train", *[a.format(tmp=tmp_path) for a in OFFLINE_OMNIGLOT], "hydra.run.dir=mywork"], tmp_path)
     error_line(cli, proc)
     assert (tmp_path / "mywork" / "notes.txt").read_text() == "mine"
+
+
+def test_optuna_search_whose_every_trial_stops_early_is_one_error_line(cli, tmp_path):
+    """Every trial stops at trainer.stop_at (no result): the search has no best trial, and says why in one line."""
+    pytest.importorskip("optuna")
+    proc = cli.run(["train", "-m", "hparams_search=metric_based", "algo=protonet", *cli.TINY, "trainer.stop_at=2",
+                    "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={tmp_path / 'search'}"], tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stdout + proc.stderr, cli.describe(proc)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("metalearn: error:")]
+    assert errors == ["metalearn: error: no trial of this Optuna search finished: each one stopped early "
+                      "(trainer.stop_at, with a checkpoint in its job directory), so the search has no best trial; "
+                      "search without trainer.stop_at (or with trainer.stop_at >= steps)"], cli.describe(proc)
+    assert proc.stderr.count("stopped at trainer.stop_at=2: saved step 2") == 2, cli.describe(proc)
 
 
 # ---------------------------------------------------------------- a download with the wrong md5

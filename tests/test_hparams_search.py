@@ -9,8 +9,9 @@ from pathlib import Path
 
 import optuna
 import pytest
-from hydra import compose, initialize_config_module
+from hydra import compose
 
+from metalearn import confdir
 from metalearn.cli import main  # importing the CLI registers the resolvers the presets use
 
 
@@ -24,7 +25,7 @@ def finished_jobs(sweep: Path) -> list[dict]:
 
 def test_search_writes_its_study_in_the_sweep_dir_and_a_second_invocation_continues_it(cli, tmp_path):
     sweep = tmp_path / "search"
-    fast = cli.with_overrides(cli.FAST, "steps=10", "trainer.val_every=5", "trainer.ckpt_every=5")
+    fast = cli.TINY
     args = ["train", "-m", "hparams_search=metric_based", "algo=protonet", *fast, "ways=choice(5, 10)",
             f"hydra.sweep.dir={sweep}"]
     proc = cli.run([*args, "hydra.sweeper.n_trials=3"], tmp_path)
@@ -51,8 +52,8 @@ def test_search_writes_its_study_in_the_sweep_dir_and_a_second_invocation_contin
 def test_regression_search_minimises_the_validation_mse(cli, tmp_path):
     sweep = tmp_path / "search"
     proc = cli.run(["train", "-m", "hparams_search=gradient_based", "data=sinusoid", "backbone=mlp", "algo=maml",
-                    "meta_batch_size=4", "steps=10", "trainer.val_every=5", "trainer.val_episodes=20",
-                    "trainer.test_episodes=20", "trainer.log_every=5", "hydra.sweeper.n_trials=2",
+                    "meta_batch_size=4", "steps=4", "trainer.val_every=2", "trainer.val_episodes=8",
+                    "trainer.test_episodes=8", "trainer.log_every=2", "hydra.sweeper.n_trials=2",
                     # Ranges narrowed on the command line (the preset's reach rates that diverge on sine waves).
                     "algo.inner_lr=tag(log, interval(0.001, 0.01))", "algo.inner_steps=choice(1, 2)",
                     f"hydra.sweep.dir={sweep}"], tmp_path)
@@ -70,7 +71,7 @@ def test_regression_search_minimises_the_validation_mse(cli, tmp_path):
 @pytest.mark.parametrize("data, direction", [("glyphs", "maximize"), ("sinusoid", "minimize")])
 def test_presets_compose_with_the_direction_of_the_data(data, direction, tmp_path):
     for preset in ("gradient_based", "metric_based"):
-        with initialize_config_module(config_module="metalearn.conf", version_base="1.3"):
+        with confdir.initialized():
             cfg = compose("config", overrides=[f"hparams_search={preset}", f"data={data}",
                                                f"hydra.sweep.dir={tmp_path / 'sweep'}"], return_hydra_config=True)
         sweeper = cfg.hydra.sweeper

@@ -151,8 +151,8 @@ def test_meta_training_lowers_the_post_adaptation_mse(algo):
 
 
 def test_sinusoid_through_the_cli(cli, tmp_path):
-    fast = ["steps=30", "trainer.val_every=15", "trainer.val_episodes=50", "trainer.test_episodes=100",
-            "trainer.log_every=10", "trainer.ckpt_every=15"]
+    fast = ["steps=6", "trainer.val_every=3", "trainer.val_episodes=20", "trainer.test_episodes=40",
+            "trainer.log_every=3", "trainer.ckpt_every=3"]
     runs = cli.run_many({
         "maml": (["train", "experiment=maml_sinusoid_k10", *fast, "hydra.run.dir=maml"], tmp_path),
         "metasgd": (["train", "experiment=maml_sinusoid_k10", "algo=metasgd", "algo.inner_lr=0.01",
@@ -166,7 +166,7 @@ def test_sinusoid_through_the_cli(cli, tmp_path):
         assert runs[name].returncode == 0, cli.describe(runs[name])
         results = json.loads((tmp_path / name / "results.json").read_text())
         assert results["best_val"]["metric"] == "mse" and results["episode"]["task"] == "regression"
-        assert "accuracy" not in results["test"] and results["test"]["mse"]["episodes"] == 100
+        assert "accuracy" not in results["test"] and results["test"]["mse"]["episodes"] == 40
     maml_results = json.loads((tmp_path / "maml" / "results.json").read_text())
     assert [f"mse_step{k}" for k in range(11)] == [k for k in maml_results["test"] if k.startswith("mse_step")]
     assert "regression 10-shot (10 query points)" in runs["maml"].stdout

@@ -80,10 +80,12 @@ def test_report_of_a_real_seed_sweep(cli, seed_sweep):
 
 def compose(*overrides: str) -> dict:
     """The real composed config of ``metalearn train <overrides>`` (interpolations kept, as Hydra saves it)."""
-    from hydra import compose as hydra_compose, initialize_config_module
+    from hydra import compose as hydra_compose
+
+    from metalearn import confdir
     from omegaconf import OmegaConf
 
-    with initialize_config_module(config_module="metalearn.conf", version_base="1.3"):
+    with confdir.initialized():
         return OmegaConf.to_container(hydra_compose("config", overrides=list(overrides)), resolve=False)
 
 

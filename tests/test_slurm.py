@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
+from hydra import compose
+from metalearn import confdir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -89,7 +90,7 @@ def test_slurm_launcher_config_makes_the_sbatch_script(tmp_path, monkeypatch):
     from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
     from submitit.slurm.slurm import SlurmExecutor
 
-    with initialize_config_module(config_module="metalearn.conf", version_base="1.3"):
+    with confdir.initialized():
         cfg = compose("config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu",
                                            "hydra.launcher.timeout_min=720", f"hydra.sweep.dir={tmp_path}"],
                       return_hydra_config=True)

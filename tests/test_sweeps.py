@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import metalearn
 
 FAILING = "shots+queries=31 is more than the 20 images per class of the train split"
 
@@ -44,7 +43,7 @@ def assert_failed_job(job: Path) -> None:
 def test_joblib_sweep_runs_jobs_in_processes_and_reports_the_failed_ones(cli, tmp_path):
     sweep = tmp_path / "sweep"
     # queries=30 cannot be sampled (20 images a class): those two jobs fail when they load the data.
-    proc = cli.run(["train", "-m", *cli.FAST, "queries=5,30", "seed=0,1", "hydra/launcher=joblib",
+    proc = cli.run(["train", "-m", *cli.TINY, "queries=5,30", "seed=0,1", "hydra/launcher=joblib",
                     "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}"], tmp_path)
     assert proc.returncode == 1, cli.describe(proc)
     jobs = job_dirs(sweep)
@@ -68,15 +67,15 @@ def test_joblib_sweep_runs_jobs_in_processes_and_reports_the_failed_ones(cli, tm
 
 def test_sweep_continues_an_earlier_attempt_and_refuses_another_config(cli, tmp_path):
     sweep = tmp_path / "sweep"
-    base = ["train", "-m", *cli.FAST, "seed=0,1", f"hydra.sweep.dir={sweep}"]
+    base = ["train", "-m", *cli.TINY, "seed=0,1", f"hydra.sweep.dir={sweep}"]
 
-    # 1. Every job stops at step 10 (resumable; a stop is not a failure), and the sweep goes on to the next job.
-    proc = cli.run([*base, "trainer.stop_at=10"], tmp_path)
+    # 1. Every job stops at step 2 (resumable; a stop is not a failure), and the sweep goes on to the next job.
+    proc = cli.run([*base, "trainer.stop_at=2"], tmp_path)
     assert proc.returncode == 0, cli.describe(proc)
     jobs = job_dirs(sweep)
     assert list(jobs) == ["0_seed=0", "1_seed=1"]
     for job in jobs.values():
-        assert torch.load(job / "checkpoints" / "last.pt", weights_only=True)["step"] == 10
+        assert torch.load(job / "checkpoints" / "last.pt", weights_only=True)["step"] == 2
         assert not (job / "results.json").exists()
 
     # 2. The same sweep again on the same directory: each job continues from its last.pt.
@@ -84,7 +83,7 @@ def test_sweep_continues_an_earlier_attempt_and_refuses_another_config(cli, tmp_
     assert proc.returncode == 0, cli.describe(proc)
     results = {}
     for name, job in jobs.items():
-        assert f"resumed {job} at step 10" in (job / "train.log").read_text()
+        assert f"resumed {job} at step 2" in (job / "train.log").read_text()
         results[name] = (job / "results.json").read_text()
         assert json.loads(results[name])["checkpoint_step"] > 0
 
@@ -117,7 +116,8 @@ def test_launcher_mistakes_are_one_line(capsys):
     assert exit_.value.code == 2 and err.count("\n") == 1, err
     assert "unknown hydra/launcher 'joblb'; choose one of: basic, joblib, slurm, submitit_local, submitit_slurm" in err
     # Hydra's message when a preset's plugin is not installed (as in a plain `pip install metalearn`).
-    conf = Path(metalearn.__file__).parent / "conf"
+    from metalearn.confdir import CONF_DIR as conf
+
     for message, extra in [("In 'hparams_search/metric_based': Could not find 'hydra/sweeper/optuna'", "optuna"),
                            ("In 'hydra/launcher/slurm': Could not find 'hydra/launcher/submitit_slurm'", "slurm"),
                            ("In 'hydra/config': Could not find 'hydra/launcher/joblib'", "joblib")]:

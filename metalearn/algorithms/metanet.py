@@ -52,14 +52,21 @@ Choices, stated:
 * Each query is classified with its own fast weights: convolutions run as one grouped
   convolution over the queries, linear layers as a batched matrix product.
 * Cost: the generators run once per weight coordinate (per support example for ``m``, per
-  minibatch for ``d``), about 111,000 coordinates per network for conv4-64, which makes the
-  full model slow on a CPU (seconds per task). ``fast_body: false`` gives fast weights to the
+  minibatch for ``d``), about 111,000 coordinates per network for conv4-64; ``d`` and ``m`` are
+  written with their own backward, in blocks (``lstm_generator``, ``mlp_generator``). On one CPU
+  thread (scripts/bench_metanet.py: 5-way 1-shot, 15 queries, conv4-64, meta-batch 8) the full
+  model's meta-step takes 8-10x second-order MAML's (two runs on a shared machine; 12-15x with
+  the generators under autograd); about half of it is the generators, most of the rest the
+  convolutions: u over the support and query images with slow and fast weights, b over the
+  queries with slow and per-query fast weights, each forward and backward, alone 3.2-3.5x MAML's
+  meta-step (``metanet_convs`` there), a floor for the model with these kernels. ``fast_body: false`` gives fast weights to the
   linear head layers only (``fc1``, ``fc2``, ``key_fc1``), the backbones keeping slow weights
-  only: about 10x faster, and still the paper's mechanism on those layers.
+  only: 2-2.3x MAML's meta-step, and still the paper's mechanism on those layers.
 
 Written as pure functions of parameter dicts; the per-example gradients are
-``torch.func.vmap(torch.func.grad(...))``. Tasks run one at a time, each backward freeing
-its graph (memory does not grow with the meta-batch).
+``torch.func.vmap(torch.func.grad(...))``, the representation-loss gradients of equal-sized
+support minibatches as well. Tasks run one at a time, each backward freeing its graph (memory
+does not grow with the meta-batch).
 """
 
 from __future__ import annotations
@@ -71,7 +78,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
 from metalearn.algorithms.base import Algorithm, ProblemInfo, accuracy
 from metalearn.data.episodes import TaskBatch
@@ -79,6 +86,7 @@ from metalearn.errors import ConfigError
 from metalearn.models.conv4 import Conv4
 from metalearn.models.identity import Identity
 from metalearn.models.mlp import MLP
+from metalearn.models import ops
 
 
 @dataclass
@@ -115,18 +123,20 @@ def _apply(kind: str, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return torch.einsum("ni,noi->no", h, weight)
 
 
-def body(plan: list, slow: dict, fast: dict | None, x: torch.Tensor, per_example: bool = False) -> torch.Tensor:
+def body(plan: list, slow: dict, fast: dict | None, x: torch.Tensor, per_example: bool = False,
+         transformed: bool = True) -> torch.Tensor:
     """The backbone's layers, layer-augmented when ``fast`` is given: [n, ...] -> [n, F].
 
     ``slow``/``fast`` hold ``<prefix>weight`` (and slow ``<prefix>bias``); fast weights are shared by
-    the examples, or one per example (``per_example``: [n, *shape]).
+    the examples, or one per example (``per_example``: [n, *shape]). ``transformed=False`` (no torch.func
+    transform around the call) pools with ``ops.max_pool2x2``: the same values and gradients, faster on CPU.
     """
     h = x
     for kind, prefix, pools in plan:
         out = F.relu(_apply(kind, h, slow[prefix + "weight"], slow[prefix + "bias"], False))
         if fast is not None:
             out = out + F.relu(_apply(kind, h, fast[prefix + "weight"], None, per_example))
-        h = F.max_pool2d(out, 2) if pools else out
+        h = (F.max_pool2d(out, 2) if transformed else ops.max_pool2x2(out)) if pools else out
     return h.flatten(1)
 
 
@@ -143,28 +153,178 @@ def augmented_linear(h: torch.Tensor, slow: torch.Tensor, fast: torch.Tensor | N
 # ---------------------------------------------------------------- fast-weight generation
 
 
-def preprocess(g: torch.Tensor, k: float) -> torch.Tensor:
-    """Gradients [...] -> [..., 2]: (log magnitude / k, clamped at -1; sign-like g e^k, clamped to [-1, 1])."""
+def preprocess(g: torch.Tensor, k: float, dim: int = -1) -> torch.Tensor:
+    """Gradients [...] -> two features stacked at ``dim`` (default last: [..., 2]): (log magnitude / k, clamped
+    at -1; sign-like g e^k, clamped to [-1, 1])."""
     eps = torch.finfo(g.dtype).eps
-    return torch.stack([(g.abs() + eps).log().div(k).clamp_min(-1.0), (g * math.exp(k)).clamp(-1.0, 1.0)], -1)
+    return torch.stack([(g.abs() + eps).log().div(k).clamp_min(-1.0), (g * math.exp(k)).clamp(-1.0, 1.0)], dim)
 
 
-def mlp_generator(p: dict, prefix: str, info: torch.Tensor) -> torch.Tensor:
-    """m: coordinate-wise MLP 2 -> h -> h -> 1 on preprocessed gradients [..., 2] -> fast weights [...]."""
-    h = F.relu(F.linear(info, p[prefix + "0.weight"], p[prefix + "0.bias"]))
-    h = F.relu(F.linear(h, p[prefix + "1.weight"], p[prefix + "1.bias"]))
-    return F.linear(h, p[prefix + "2.weight"], p[prefix + "2.bias"]).squeeze(-1)
+# The generators run once per weight coordinate: ~111,000 coordinates per conv4-64 body, times 5 support
+# minibatches (d) or 5 support examples (m). Written with autograd (nn.LSTMCell through functional_call,
+# F.linear) they were 62% of the full model's meta-step on one CPU thread (scripts/bench_metanet.py): every op
+# a pass over [111,168 x 80] in memory, the input-weight gradients as matmuls with a 111,168-long inner
+# dimension and 2 outputs (the largest single cost, 94 ms each), a zero-filled full-size gradient for every
+# slice of the fast weights. The functions below compute the same values and gradients (float64 tests:
+# 1e-10), coordinates last ([features, P]: each gate a contiguous block; the LSTM's input and recurrent
+# weights as one matmul from the second step on), in blocks of ``BLOCK`` coordinates, with the backward
+# written out (autograd.Function): the generators' share of the profile fell from 4.2 s to 1.9 s a task.
+BLOCK = 8192
 
 
-def lstm_generator(cell: nn.LSTMCell, p: dict, prefix: str, infos: list[torch.Tensor]) -> torch.Tensor:
-    """d: a coordinate-wise LSTM over the minibatches' preprocessed gradients [P, 2] each, then a linear
-    read-out of its last output -> fast weights [P]. ``cell`` only gives the fused kernel its shape:
-    its weights are ``p[prefix + "lstm.*"]``."""
-    weights = {k: p[f"{prefix}lstm.{k}"] for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
-    state = None
-    for x in infos:
-        state = functional_call(cell, weights, (x, state))
-    return F.linear(state[0], p[prefix + "out.weight"], p[prefix + "out.bias"]).squeeze(-1)
+def _lstm_forward(x: torch.Tensor, w_ih: torch.Tensor, w: torch.Tensor, b: torch.Tensor, saved: list | None):
+    """x [T, I, B] -> last h [M, B]. ``w`` is [w_hh, w_ih] ([4M, M + I]): from the second step on, the gates
+    are one matmul with z = [h_{t-1}; x_t]. ``saved`` receives per step (activated gates [4M, B] in the
+    order i, f, g, o; c; tanh c; z or None)."""
+    M, B = w.shape[1] - x.shape[1], x.shape[2]
+    h = c = None
+    for t in range(x.shape[0]):
+        if h is None:  # h_0 = 0
+            z, a = None, torch.addmm(b, w_ih, x[t])  # [4M, B]
+        else:
+            z = torch.cat([h, x[t]])  # [M + I, B]
+            a = torch.addmm(b, w, z)
+        a[:2 * M].sigmoid_()
+        a[2 * M:3 * M].tanh_()
+        a[3 * M:].sigmoid_()
+        i, f, g, o = a.view(4, M, B).unbind(0)
+        c_new = i * g
+        if c is not None:
+            c_new.addcmul_(f, c)
+        c = c_new
+        tc = torch.tanh(c)
+        h = tc * o
+        if saved is not None:
+            saved.append((a, c, tc, z))
+    return h
+
+
+def _lstm_backward(x, w_ih, w, dh, saved, dw_ih, dw, db, dx) -> None:
+    """Accumulates one block's gradients into dw_ih (first step), dw ([w_hh, w_ih], later steps), db [4M, 1];
+    writes dx (if not None)."""
+    M, B = w.shape[1] - x.shape[1], x.shape[2]
+    dc = None
+    for t in reversed(range(x.shape[0])):
+        a, c, tc, z = saved[t]
+        i, f, g, o = a.view(4, M, B).unbind(0)
+        da = torch.empty_like(a)
+        di, df, dg, do = da.view(4, M, B).unbind(0)
+        torch.mul(dh, o, out=do)  # dL/dh * o
+        dct = torch.mul(tc, tc).neg_().add_(1).mul_(do)  # ... * (1 - tanh^2 c): through h = o tanh c
+        dc = dct if dc is None else dc.add_(dct)  # plus the path through c_{t+1} = f c_t + ...
+        do.mul_(tc).mul_(1 - o)  # o's pre-activation: dL/dh tanh c o (1 - o)
+        torch.mul(dc, g, out=di).mul_(i).mul_(1 - i)
+        torch.mul(dc, i, out=dg).mul_(1 - g * g)
+        if t > 0:
+            torch.mul(dc, saved[t - 1][1], out=df).mul_(f).mul_(1 - f)
+            dc.mul_(f)
+        else:
+            df.zero_()  # c_0 = 0
+        db.add_(da.sum(1, keepdim=True))
+        if z is None:
+            dw_ih.addmm_(da, x[t].t())
+        else:
+            dw.addmm_(da, z.t())
+            dh = w[:, :M].t() @ da
+        if dx is not None:
+            torch.mm(w_ih.t(), da, out=dx[t])
+
+
+class _CoordinateLSTM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w_ih, w_hh, b_ih, b_hh, w_out, b_out, block):
+        b = (b_ih + b_hh).unsqueeze(1)
+        w = torch.cat([w_hh, w_ih], 1)
+        saves, hs = [], []
+        for xb in x.split(block, dim=2):
+            saves.append([])
+            hs.append(_lstm_forward(xb, w_ih, w, b, saves[-1]))
+        h = torch.cat(hs, 1)
+        ctx.saves, ctx.block = saves, block
+        ctx.save_for_backward(x, w_ih, w, w_out, h)
+        return torch.addmm(b_out.unsqueeze(1), w_out, h).squeeze(0)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w_ih, w, w_out, h = ctx.saved_tensors
+        M = w.shape[1] - x.shape[1]
+        dw_ih, dw, db = torch.zeros_like(w_ih), torch.zeros_like(w), w.new_zeros(w.shape[0], 1)
+        dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        dh = w_out.t() @ dy.unsqueeze(0)  # [M, P]
+        at = 0
+        for xb, dhb, saved in zip(x.split(ctx.block, dim=2), dh.split(ctx.block, dim=1), ctx.saves):
+            width = xb.shape[2]
+            _lstm_backward(xb, w_ih, w, dhb, saved, dw_ih, dw, db, None if dx is None else dx[..., at:at + width])
+            at += width
+        ctx.saves = None
+        db = db.squeeze(1)
+        return (dx, dw_ih + dw[:, M:], dw[:, :M].contiguous(), db, db.clone(), (h @ dy).unsqueeze(0),
+                dy.sum().view(1), None)
+
+
+def lstm_generator(p: dict, prefix: str, info: torch.Tensor, block: int | None = None) -> torch.Tensor:
+    """d: a coordinate-wise LSTM (``nn.LSTMCell``'s equations, gates i, f, g, o) over the minibatches'
+    preprocessed gradients ``info`` [T, 2, P], from zero state, then a linear read-out of its last output ->
+    fast weights [P]. Its weights are ``p[prefix + "lstm.*"]`` and ``p[prefix + "out.*"]``."""
+    args = [p[f"{prefix}lstm.{k}"] for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+    args += [p[prefix + "out.weight"], p[prefix + "out.bias"]]
+    block = block or BLOCK
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (info, *args)):
+        return _CoordinateLSTM.apply(info, *args, block)
+    b, w = (args[2] + args[3]).unsqueeze(1), torch.cat([args[1], args[0]], 1)
+    h = torch.cat([_lstm_forward(xb, args[0], w, b, None) for xb in info.split(block, dim=2)], 1)
+    return torch.addmm(args[5].unsqueeze(1), args[4], h).squeeze(0)
+
+
+class _CoordinateMLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w0, b0, w1, b1, w2, b2, block):
+        saves, ys = [], []
+        for xb in x.split(block, dim=1):
+            h1 = torch.addmm(b0.unsqueeze(1), w0, xb).relu_()
+            h2 = torch.addmm(b1.unsqueeze(1), w1, h1).relu_()
+            ys.append(torch.addmm(b2.unsqueeze(1), w2, h2))
+            saves.append((h1, h2))
+        ctx.saves, ctx.block = saves, block
+        ctx.save_for_backward(x, w0, w1, w2)
+        return torch.cat(ys, 1).squeeze(0)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w0, w1, w2 = ctx.saved_tensors
+        grads = [torch.zeros_like(w) for w in (w0, w1, w2)]
+        dbs = [w.new_zeros(w.shape[0], 1) for w in (w0, w1, w2)]
+        dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        at = 0
+        for xb, dyb, (h1, h2) in zip(x.split(ctx.block, dim=1), dy.unsqueeze(0).split(ctx.block, dim=1), ctx.saves):
+            grads[2].addmm_(dyb, h2.t())
+            dbs[2].add_(dyb.sum(1, keepdim=True))
+            d2 = torch.ops.aten.threshold_backward(w2.t() @ dyb, h2, 0)  # ReLU's backward, as autograd's
+            grads[1].addmm_(d2, h1.t())
+            dbs[1].add_(d2.sum(1, keepdim=True))
+            d1 = torch.ops.aten.threshold_backward(w1.t() @ d2, h1, 0)
+            grads[0].addmm_(d1, xb.t())
+            dbs[0].add_(d1.sum(1, keepdim=True))
+            if dx is not None:
+                torch.mm(w0.t(), d1, out=dx[:, at:at + xb.shape[1]])
+            at += xb.shape[1]
+        ctx.saves = None
+        return dx, grads[0], dbs[0].squeeze(1), grads[1], dbs[1].squeeze(1), grads[2], dbs[2].squeeze(1), None
+
+
+def mlp_generator(p: dict, prefix: str, info: torch.Tensor, block: int | None = None) -> torch.Tensor:
+    """m: a coordinate-wise MLP 2 -> h -> h -> 1 (ReLU after the first two layers) on preprocessed gradients
+    ``info`` [2, N] -> fast weights [N]. Its weights are ``p[prefix + "{0,1,2}.*"]``."""
+    args = [p[f"{prefix}{i}.{k}"] for i in range(3) for k in ("weight", "bias")]
+    block = block or BLOCK
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (info, *args)):
+        return _CoordinateMLP.apply(info, *args, block)
+    ys = []
+    for xb in info.split(block, dim=1):
+        h = torch.addmm(args[1].unsqueeze(1), args[0], xb).relu_()
+        h = torch.addmm(args[3].unsqueeze(1), args[2], h).relu_()
+        ys.append(torch.addmm(args[5].unsqueeze(1), args[4], h))
+    return torch.cat(ys, 1).squeeze(0)
 
 
 def _flat(tensors: dict, names: list[str], lead: int = 0) -> torch.Tensor:
@@ -172,13 +332,9 @@ def _flat(tensors: dict, names: list[str], lead: int = 0) -> torch.Tensor:
     return torch.cat([tensors[n].flatten(lead) for n in names], dim=lead)
 
 
-def _unflat(flat: torch.Tensor, names: list[str], shapes: dict, lead: tuple = ()) -> dict:
-    out, start = {}, 0
-    for n in names:
-        size = math.prod(shapes[n])
-        out[n] = flat[..., start:start + size].reshape(*lead, *shapes[n])
-        start += size
-    return out
+def _split(flat: torch.Tensor, names: list[str], shapes: dict) -> dict:
+    """[..., P] -> {name: [..., size]} views, in the order of ``names`` (one split: its backward is one cat)."""
+    return dict(zip(names, flat.split([math.prod(shapes[n]) for n in names], dim=-1)))
 
 
 # ---------------------------------------------------------------- the algorithm
@@ -235,6 +391,7 @@ class MetaNet(Algorithm):
         cfg, plan, k = self.cfg, self.plan, self.cfg.preprocess_k
         base_body, key_body = self._weights("backbone."), self._weights("key_backbone.")
         strip = {n: n.split(".", 1)[1] for n in p if n.startswith(("backbone.", "key_backbone."))}
+        shapes = {n: p[n].shape for n in p}
 
         def sub(prefix: str, tensors: dict) -> dict:
             return {strip[n]: v for n, v in tensors.items() if n.startswith(prefix)}
@@ -250,20 +407,20 @@ class MetaNet(Algorithm):
             return F.cross_entropy(F.linear(F.relu(F.linear(h, weights["key_fc1.weight"])), weights["key_fc2.weight"]), y)
 
         chunks = min(cfg.representation_batches, len(support_y))
-        infos: dict[str, list[torch.Tensor]] = {"key_body": [], "key_head": []}
-        for x, y in zip(support_x.tensor_split(chunks), support_y.tensor_split(chunks)):
-            g = grad(representation_loss)({n: frozen[n] for n in key_names}, x, y)
-            if key_body:
-                infos["key_body"].append(preprocess(_flat(g, key_body), k))
-            infos["key_head"].append(preprocess(g["key_fc1.weight"].flatten(), k))
-        shapes = {n: p[n].shape for n in p}
-        key_fast = _unflat(self._lstm(p, "key_head", infos["key_head"]), ["key_fc1.weight"], shapes)
+        xs, ys = support_x.tensor_split(chunks), support_y.tensor_split(chunks)
+        wrt = {n: frozen[n] for n in key_names}
+        if len(support_y) % chunks == 0:  # minibatches of one size: all at once, [chunks, *shape] per weight
+            g = vmap(grad(representation_loss), in_dims=(None, 0, 0))(wrt, torch.stack(xs), torch.stack(ys))
+        else:
+            per = [grad(representation_loss)(wrt, x, y) for x, y in zip(xs, ys)]
+            g = {n: torch.stack([q[n] for q in per]) for n in key_names}
+        # meta-information, coordinates last: [chunks, 2, P]
+        key_fast = _split(self._lstm(p, "key_head", preprocess(g["key_fc1.weight"].flatten(1), k, dim=1)),
+                          ["key_fc1.weight"], shapes)
         if key_body:
-            key_fast.update(_unflat(self._lstm(p, "key_body", infos["key_body"]), key_body, shapes))
-
-        def keys(x: torch.Tensor) -> torch.Tensor:
-            h = body(plan, sub("key_backbone.", p), sub("key_backbone.", key_fast) if key_body else None, x)
-            return augmented_linear(h, p["key_fc1.weight"], key_fast["key_fc1.weight"], relu=False)
+            info = preprocess(_flat(g, key_body, 1), k, dim=1)
+            key_fast.update(_split(self._lstm(p, "key_body", info), key_body, shapes))
+        key_fast = {n: v.view(shapes[n]) for n, v in key_fast.items()}
 
         # 2. example-level fast weights of b, from each support example's own loss gradient
         base_names = base_body + ["fc1.weight", "fc2.weight"]
@@ -281,21 +438,32 @@ class MetaNet(Algorithm):
             return F.cross_entropy(logits, y.unsqueeze(0))
 
         g = vmap(grad(example_loss), in_dims=(None, 0, 0))({n: frozen_b[n] for n in base_names}, inputs, support_y)
-        memory = [self._mlp(p, "base_head", preprocess(_flat(g, ["fc1.weight", "fc2.weight"], 1), k))]
+        n = len(support_y)
+
+        def example_fast_weights(group: str, names: list[str]) -> dict:
+            """m over the coordinates of all n examples at once: [n, size] per weight, a row per example."""
+            info = preprocess(_flat(g, names, 1), k, dim=0).flatten(1)  # [2, n * P]
+            return _split(self._mlp(p, group, info).view(n, -1), names, shapes)
+
+        memory = example_fast_weights("base_head", ["fc1.weight", "fc2.weight"])
         if base_body:
-            memory.insert(0, self._mlp(p, "base_body", preprocess(_flat(g, base_body, 1), k)))
-        memory = torch.cat(memory, dim=1)  # [n, P]: one row of fast weights per support example
+            memory.update(example_fast_weights("base_body", base_body))
 
         # 3. each query's fast weights: attention over the support keys
-        attention = torch.softmax(F.cosine_similarity(keys(query_x).unsqueeze(1), keys(support_x).unsqueeze(0),
+        h = body(plan, sub("key_backbone.", p), sub("key_backbone.", key_fast) if key_body else None,
+                 torch.cat([support_x, query_x]), transformed=False)  # support and queries through u at once
+        keys = augmented_linear(h, p["key_fc1.weight"], key_fast["key_fc1.weight"], relu=False)
+        attention = torch.softmax(F.cosine_similarity(keys[n:].unsqueeze(1), keys[:n].unsqueeze(0),
                                                       dim=-1, eps=1e-6), dim=1)  # [m, n]
-        fast = _unflat(attention @ memory, base_names, shapes, lead=(len(query_x),))
-        h = body(plan, sub("backbone.", p), sub("backbone.", fast) if base_body else None, query_x, per_example=True)
+        m = len(query_x)
+        fast = {name: (attention @ memory[name]).view(m, *shapes[name]) for name in base_names}  # [m, *shape] each
+        h = body(plan, sub("backbone.", p), sub("backbone.", fast) if base_body else None, query_x, per_example=True,
+                 transformed=False)
         h = augmented_linear(h, p["fc1.weight"], fast["fc1.weight"], relu=True, per_example=True)
         return augmented_linear(h, p["fc2.weight"], fast["fc2.weight"], relu=False, per_example=True)
 
-    def _lstm(self, p: dict, group: str, infos: list[torch.Tensor]) -> torch.Tensor:
-        return lstm_generator(self.generators[group]["lstm"], p, f"generators.{group}.", infos)
+    def _lstm(self, p: dict, group: str, info: torch.Tensor) -> torch.Tensor:
+        return lstm_generator(p, f"generators.{group}.", info)
 
     def _mlp(self, p: dict, group: str, info: torch.Tensor) -> torch.Tensor:
         return mlp_generator(p, f"generators.{group}.", info)

@@ -21,6 +21,7 @@ DATASETS = {
     "doublemnist": "metalearn.data.doublemnist",
     "imagefolder": "metalearn.data.imagefolder",
     "features": "metalearn.data.features",
+    "episodes": "metalearn.data.episode_folders",  # fixed test episodes (episodes.py is the sampler)
 }
 
 SPLITS = ("train", "val", "test")

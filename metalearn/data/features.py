@@ -149,7 +149,9 @@ def _source_config(cfg: Config, trained: Any) -> Any:
 
 
 def _conf_dir() -> Path:
-    return Path(__file__).resolve().parents[1] / "conf" / "data"
+    from metalearn.confdir import CONF_DIR
+
+    return CONF_DIR / "data"
 
 
 def _root(cfg: Config, source: Any) -> Path:

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from metalearn.errors import ConfigError
@@ -44,6 +43,9 @@ class Config:
 
 class Conv4(TaskwiseBackbone):
     name = "conv4"
+    #: device.cpu_kernels: the one-task CPU path's BatchNorm (models/ops.py). "exact": statistics summed as
+    #: exactly as NCHW sums them; "fast": PyTorch's channels-last kernel (one float32 pass, faster, rounder).
+    cpu_kernels: str = "exact"
 
     def __init__(self, in_channels: int, hidden: int = 64, layers: int = 4, norm: str = "batch",
                  pool_layers: int | None = None):
@@ -63,12 +65,10 @@ class Conv4(TaskwiseBackbone):
             else:
                 x = conv(x)
                 if self.norms is not None:
-                    x = self.norms[i](x, tasks)
-            if i < self.pool_layers:
-                # Pooling before the ReLU gives the same values and gradients (ReLU is monotone and
-                # zero where it cuts), with the ReLU on 4x less data.
-                x = ops.max_pool2x2(x)
-            x = F.relu(x)
+                    norm = self.norms[i]
+                    x = ops.batch_norm(x, norm.weight, norm.bias, norm.eps, self.cpu_kernels) if tasks == 1 \
+                        else norm(x, tasks)
+            x = ops.pool_relu(x, pool=i < self.pool_layers)  # max-pool, then ReLU (the same, on 4x less data)
         return x.flatten(1)
 
 

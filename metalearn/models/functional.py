@@ -65,10 +65,7 @@ def conv4_features(net: Conv4, params: dict, x: torch.Tensor, prefix: str = "") 
             if net.norms is not None:
                 # Statistics per (task, channel) over the task's n examples and pixels: per-task BatchNorm.
                 h = F.batch_norm(h, None, None, gamma.reshape(-1), beta.reshape(-1), training=True, eps=eps)
-        if i < net.pool_layers:
-            # max-pool before ReLU: the same values and gradients (see Conv4), ReLU on 4x less data.
-            h = ops.max_pool2x2(h)
-        h = F.relu(h)
+        h = ops.pool_relu(h, pool=i < net.pool_layers)  # max-pool, then ReLU (see Conv4)
     # [n, T*C, h, w] -> [T, n, C*h*w], the per-task flatten order of Conv4.
     return h.reshape(n, tasks, -1).transpose(0, 1)
 
