@@ -14,6 +14,7 @@ never read, and the next run in the directory removes it (``remove_partial``).
 from __future__ import annotations
 
 import io
+import logging
 import pickle
 import random
 import zipfile
@@ -26,6 +27,8 @@ import torch
 from metalearn import __version__, faults
 from metalearn.errors import CheckpointError
 from metalearn.fileio import atomic_path, atomic_torch_save
+
+log = logging.getLogger(__name__)
 
 FORMAT = "metalearn-checkpoint"
 FORMAT_VERSION = 1
@@ -91,11 +94,24 @@ def load(path: str | Path, fix: str | None = None) -> dict[str, Any]:
             f"{path} has checkpoint format {ckpt.get('format_version')} (metalearn {ckpt.get('version')}); "
             f"this metalearn {__version__} reads format {FORMAT_VERSION}: use the metalearn version that wrote it"
         )
+    if isinstance(ckpt.get("config"), dict):
+        from metalearn.renamed import migrate
+
+        changed = migrate(ckpt["config"])  # a config written before the data keys were renamed
+        if changed:
+            from metalearn.config import to_dict, to_run_config
+            from metalearn.errors import MetalearnError
+
+            try:  # complete, as a current checkpoint's config is (the new keys with their defaults)
+                ckpt["config"] = to_dict(to_run_config(ckpt["config"]))
+            except MetalearnError:
+                pass  # whoever reads it reports what is wrong with it
+            log.info("%s: its config predates the data split keys; read with the current ones (%s)", path, "; ".join(changed))
     return ckpt
 
 
 #: Keys of a run's config that may change when it is resumed (``metalearn train resume=DIR key=value``).
-CHANGEABLE = ("steps", "trainer.", "device.", "data.root", "eval.batch_size", "resume")
+CHANGEABLE = ("steps", "trainer.", "device.", "data.root", "data.cache_dir", "eval.batch_size", "resume")
 
 
 def load_for_resume(run: str | Path) -> tuple[Path, dict[str, Any]]:
@@ -137,8 +153,12 @@ def _differs_from_record(ckpt: dict[str, Any], run_dir: Path) -> tuple[str, Any,
 
     from metalearn.config import flat, to_dict, to_run_config
 
+    from metalearn.renamed import migrate
+
     try:
-        here = flat(to_dict(to_run_config(OmegaConf.load(recorded))))
+        record = OmegaConf.to_container(OmegaConf.load(recorded), resolve=True)
+        migrate(record)  # as the checkpoint's config was, when loaded
+        here = flat(to_dict(to_run_config(record)))
     except Exception:  # noqa: BLE001 - a record this version cannot read says nothing about the checkpoint
         return None
     there = flat(ckpt.get("config") or {})

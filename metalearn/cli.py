@@ -8,6 +8,7 @@ users know them.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -72,13 +73,13 @@ def _resume_config(cfg: DictConfig):
 
     path, ckpt = checkpoint.load_for_resume(cfg.resume)  # readable, and this run's
     saved = OmegaConf.create(ckpt["config"])
-    changeable = ("steps", "trainer", "device", "data.root", "eval.batch_size")
+    changeable = ("steps", "trainer", "device", "data.root", "data.cache_dir", "eval.batch_size")
     for override in HydraConfig.get().overrides.task:
         key = override.split("=", 1)[0].lstrip("+~")
         if key == "resume":
             continue
         if not key.startswith(changeable):
-            raise ConfigError(f"'{override}' cannot change when resuming (only steps, trainer.*, device, data.root, eval.batch_size); start a new run instead")
+            raise ConfigError(f"'{override}' cannot change when resuming (only steps, trainer.*, device, data.root, data.cache_dir, eval.batch_size); start a new run instead")
         OmegaConf.update(saved, key, OmegaConf.select(cfg, key), merge=False)
     saved.resume = str(Path(cfg.resume))
     return to_run_config(saved), ckpt
@@ -209,6 +210,8 @@ def data_command(args: list[str]) -> int:
     cache = module.cache_dir(cfg) if hasattr(module, "cache_dir") else None
     if cache is None and sources:
         cache = Path(sources[0]).parent / "cache"  # the convention: cache/ beside the files it is built from
+        if getattr(cfg, "cache_dir", None):  # ... in the dataset's folder under data.cache_dir
+            cache = Path(cfg.cache_dir).expanduser() / Path(sources[0]).parent.name / "cache"
     if cache is not None:
         files = sorted(p for p in Path(cache).glob("*") if p.is_file() and not p.name.startswith("."))
         print(f"cache {cache}: " + (", ".join(f"{p.name} ({p.stat().st_size / 1e6:.1f} MB)" for p in files) or "empty"))
@@ -249,7 +252,7 @@ def _sweep_dir_names(args: list[str]) -> list[str]:
     fixed = [o.get_key_element() for o in parsed if not o.is_sweep_override()]
     if any(o.get_key_element() == "hydra.job.config.override_dirname.exclude_keys" for o in parsed):
         return args
-    keys = sorted(set(fixed) | {"resume", "data.root", "device", "device.type", "trainer.progress"})
+    keys = sorted(set(fixed) | {"resume", "data.root", "data.cache_dir", "device", "device.type", "trainer.progress"})
     return [*args, f"hydra.job.config.override_dirname.exclude_keys=[{','.join(keys)}]"]
 
 
@@ -396,6 +399,14 @@ def _hydra_error_line(message: str, conf_dir: Path, config_name: str, overrides:
             if node is None:  # metalearn eval: data.* keys belong to a data=<option>
                 return (f"'{key}' sets an option of {group}=<option>, and no {group} is chosen: add {group}=<option> "
                         "(eval scores the run's own data as it was trained; data_root= says where it is now)")
+            if group == "data":  # a key the split vocabulary replaced: the line that names its new key
+                from metalearn.renamed import renamed_message
+
+                given = {k.lstrip("+~")[len("data."):]: v for k, _, v in (o.partition("=") for o in overrides)
+                         if k.lstrip("+~").startswith("data.")}
+                renamed = renamed_message(node.get("name"), given, set(node))
+                if renamed:
+                    return renamed
             options = ", ".join(k for k in node if k != "name") or "none"
             return f"{group}={node.name} has no option {option!r}; its options are: {options}"
         return f"unknown option {key!r}; 'metalearn train --cfg job' shows every option (new keys are not accepted)"
@@ -460,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         from metalearn.reproduce import reproduce_command
 
         try:
-            return reproduce_command(rest)
+            return reproduce_command(rest, functools.partial(_run_app, "train"))
         except MetalearnError as e:
             fail(e, e.exit_code)
     if command not in APPS:

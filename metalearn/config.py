@@ -19,6 +19,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from metalearn.algorithms import ALGORITHMS, algorithm_module
 from metalearn.data import DATASETS, dataset_module
+from metalearn.renamed import check_renamed
 from metalearn.errors import ConfigError
 from metalearn.models import BACKBONES, backbone_module
 
@@ -113,7 +114,9 @@ GROUPS: dict[str, tuple[dict, Callable]] = {
 
 
 def _typed(schema: type, node: Any, where: str) -> Any:
-    """Merge ``node`` into the dataclass ``schema``; unknown keys and bad types become ConfigErrors."""
+    """Merge ``node`` into the dataclass ``schema``; unknown keys and bad types become ConfigErrors
+    (a dataset's key replaced by the split vocabulary: the line naming its new key)."""
+    check_renamed(schema, node, where)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), node)
         return OmegaConf.to_object(merged)

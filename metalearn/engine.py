@@ -427,7 +427,7 @@ class Trainer:
             else NoTensorBoard()  # rank 0 writes for all
         if self.step == 0:
             tb.hparams({k: v for k, v in flat(to_dict(cfg)).items()
-                        if not k.startswith(("trainer.", "device.", "data.root", "resume"))},
+                        if not k.startswith(("trainer.", "device.", "data.root", "data.cache_dir", "resume"))},
                        hparam_metrics(algo.primary_metric))
         episodes = (f"{cfg.ways}-way {cfg.shots}-shot" if self.stores["train"].task == "classification"
                     else f"regression, {cfg.shots}-shot")

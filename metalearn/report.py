@@ -41,7 +41,7 @@ from metalearn.errors import ConfigError
 #: Keys that do not change what a run computes (or tell runs of one configuration apart): never columns,
 #: never part of a configuration's identity. ``seed`` is aggregated over; ``paper`` is a preset's published
 #: figure (``metalearn reproduce``), a description.
-RUN_LOCAL = ("seed", "resume", "device", "data.root", "data.download", "trainer.progress", "trainer.stop_at",
+RUN_LOCAL = ("seed", "resume", "device", "data.root", "data.cache_dir", "data.download", "trainer.progress", "trainer.stop_at",
              "eval.batch_size", "paper")
 #: Shown in the "same in every run" line when they are not swept.
 SUMMARY_KEYS = ("algo.name", "data.name", "backbone.name", "ways", "shots", "queries", "meta_batch_size", "steps",
@@ -151,6 +151,11 @@ def read_config(run_dir: Path) -> tuple[dict[str, Any], dict[str, str]]:
     if not path.is_file():
         return {}, {}
     cfg = OmegaConf.load(path)
+    stored = OmegaConf.to_container(cfg, resolve=False)
+    from metalearn.renamed import migrate
+
+    if migrate(stored):  # a run recorded before the data split keys were renamed: compared under the new ones
+        cfg = OmegaConf.create(stored)
     raw = flatten(OmegaConf.to_container(cfg, resolve=False))
     follows = {k: v[2:-1] for k, v in raw.items() if isinstance(v, str) and re.fullmatch(r"\$\{[\w.]+\}", v)}
     try:

@@ -38,7 +38,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from metalearn import report
 from metalearn.config import PaperConfig
@@ -448,20 +448,20 @@ def check_overrides(presets: list[str], overrides: list[str]) -> None:
                               f"{str(e).splitlines()[0]}") from None
 
 
-def run_presets(presets: list[str], overrides: list[str], out: Path) -> int:
-    """Train the presets as one sweep through the train app (this process), one run directory each. The exit
-    code of the sweep: 0, 1 if some job failed (sweeps.report named them), 130 if interrupted."""
-    from metalearn import cli
-
+def run_presets(presets: list[str], overrides: list[str], out: Path, train: Callable[[list[str]], int]) -> int:
+    """Train the presets as one sweep through ``train`` (the CLI's train app, in this process; passed in so
+    that this module does not import the CLI), one run directory each. The exit code of the sweep: 0, 1 if
+    some job failed (sweeps.report named them), 130 if interrupted."""
     args = ["-m", f"experiment={','.join(presets)}", *overrides, f"hydra.sweep.dir={_quoted(out)}",
             "hydra.sweep.subdir=${hydra.runtime.choices.experiment}"]
     try:
-        return cli._run_app("train", args)
+        return train(args)
     except SystemExit as e:  # a stop request, or a failure the sweep could not record
         return e.code if isinstance(e.code, int) else 1
 
 
-def reproduce_command(args: list[str]) -> int:
+def reproduce_command(args: list[str], train: Callable[[list[str]], int]) -> int:
+    """``metalearn reproduce ARGS``; ``train(overrides)`` runs the train app (metalearn.cli)."""
     if any(a in ("-h", "--help") for a in args):
         print(f"{USAGE}\n\nRuns the named experiment= presets (one run directory each under --out, default "
               "outputs/reproduce/<date>/<time>),\nor reads finished runs with --from, and writes reproduce.md and "
@@ -479,7 +479,7 @@ def reproduce_command(args: list[str]) -> int:
         if root.exists() and not root.is_dir():
             raise ConfigError(f"--out {root} is a file; give a directory")
         out, only = root, None
-        code = run_presets(a.presets, a.overrides, root)
+        code = run_presets(a.presets, a.overrides, root, train)
         if not (root.is_dir() and report.find_runs(root)):
             return code or 1  # nothing ran (the sweep said why)
     table, written, rows = write_table(root, out, only, require_finished=a.source is not None)

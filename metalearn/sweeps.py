@@ -42,7 +42,7 @@ FAILED = "failed.json"  # in a failed sweep job's directory: {"error": one line,
 
 #: Keys that may differ between a sweep job's checkpoint and its config (as on ``resume=``; the same as
 #: ``metalearn.checkpoint.CHANGEABLE``, kept here so that the CLI starts without importing torch).
-CHANGEABLE = ("steps", "trainer.", "device.", "data.root", "eval.batch_size", "resume")
+CHANGEABLE = ("steps", "trainer.", "device.", "data.root", "data.cache_dir", "eval.batch_size", "resume")
 
 _sweep: dict[str, Any] = {}  # this process's multirun: {"dir": Path, "start": float}, set by SweepReport
 

@@ -185,7 +185,7 @@ def engine_config(a, batched: str | None):
         if chunk or a.task_chunk:
             algo["task_chunk"] = int(chunk or a.task_chunk)
     return to_run_config({
-        "algo": algo, "data": {"name": "glyphs", "train_classes": 100, "val_classes": 20, "test_classes": 20},
+        "algo": algo, "data": {"name": "glyphs", "split_sizes": [100, 20, 20]},
         "backbone": {"name": "conv4", "hidden": a.hidden}, "device": {"type": a.device, "cpu_kernels": kernels},
         "ways": a.ways,
         "shots": a.shots, "queries": a.queries, "meta_batch_size": a.meta_batch_size,

@@ -87,7 +87,7 @@ def run_config(a, side: str):
     algo = {"name": "metanet", "fast_body": side != "metanet_head"} if metanet else {"name": "maml"}
     norm = "none" if metanet or side == "maml_nonorm" else "batch"
     return to_run_config({
-        "algo": algo, "data": {"name": "glyphs", "train_classes": 100, "val_classes": 20, "test_classes": 20},
+        "algo": algo, "data": {"name": "glyphs", "split_sizes": [100, 20, 20]},
         "backbone": {"name": "conv4", "hidden": a.hidden, "layers": a.layers, "norm": norm}, "device": {"type": "cpu"},
         "ways": a.ways, "shots": a.shots, "queries": a.queries, "meta_batch_size": a.meta_batch_size,
     })

@@ -23,13 +23,12 @@ import argparse
 import os
 import pickle
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from metalearn.data import SPLITS
+from metalearn.data.images import PIL_BOX, decode_array, decode_many
 from metalearn.data.miniimagenet import read_split_csv
 from metalearn.errors import DataError, MetalearnError
 from metalearn.fileio import atomic_path
@@ -116,21 +115,16 @@ def build_split(rows: list[tuple[str, str]], train_dir: Path, size: int) -> dict
             folders[wnid] = class_images(train_dir, wnid)
         paths.append(source_image(filename, wnid, folders[wnid]))
         class_dict.setdefault(wnid, []).append(i)
-    # Threads overlap the file reads; Pillow releases the GIL while decoding JPEGs.
-    pool = ThreadPoolExecutor()
-    try:
-        images = list(pool.map(lambda path: load_resized(path, size), paths))
-    finally:
-        pool.shutdown(cancel_futures=True)
-    return {"image_data": np.stack(images), "class_dict": class_dict}
+    image_data = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    for i, image in enumerate(decode_many(lambda path: load_resized(path, size), paths)):
+        image_data[i] = image.transpose(1, 2, 0)  # the pickles hold [N, H, W, 3]
+    return {"image_data": image_data, "class_dict": class_dict}
 
 
 def load_resized(path: Path, size: int) -> np.ndarray:
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BOX))
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot read {path} ({e}); the ImageNet image is damaged: replace it") from None
+    """One image as uint8 [3, size, size] RGB, resized with Pillow's box filter."""
+    return decode_array(path, mode="RGB", size=size, resample=PIL_BOX,
+                        error=lambda e: f"cannot read {path} ({e}); the ImageNet image is damaged: replace it")
 
 
 def write_pickle(data: dict, path: Path) -> None:

@@ -237,9 +237,9 @@ def test_learns(name, learning):
 
 @pytest.fixture(scope="module")
 def cli_runs(cli, tmp_path_factory) -> dict:
-    """FAST training runs through ``metalearn train``, without and with FCE, side by side."""
+    """TINY training runs through ``metalearn train``, without and with FCE, side by side."""
     cwd = tmp_path_factory.mktemp("matchingnet")
-    jobs = {name: (["train", "algo=matchingnet", *extra, *cli.FAST, f"hydra.run.dir={cwd / name}"], cwd)
+    jobs = {name: (["train", "algo=matchingnet", *extra, *cli.TINY, f"hydra.run.dir={cwd / name}"], cwd)
             for name, extra in {"plain": [], "fce": ["algo.fce=true", "algo.fce_steps=2"]}.items()}
     return {name: (proc, cwd / name) for name, proc in cli.run_many(jobs).items()}
 
@@ -249,9 +249,9 @@ def test_trains_through_the_cli(name, cli, cli_runs):
     proc, run_dir = cli_runs[name]
     assert proc.returncode == 0, cli.describe(proc)
     accuracy = json.loads((run_dir / "results.json").read_text())["test"]["accuracy"]
-    assert 0 <= accuracy["mean"] <= 1 and accuracy["episodes"] == 20
+    assert 0 <= accuracy["mean"] <= 1 and accuracy["episodes"] == 4
     ckpt = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
-    assert ckpt["step"] == 20 and ckpt["config"]["algo"]["name"] == "matchingnet"
+    assert ckpt["step"] == 4 and ckpt["config"]["algo"]["name"] == "matchingnet"
     lstm = [k for k in ckpt["model"] if k.startswith("fce.")]
     assert bool(lstm) == (name == "fce")  # the LSTMs are meta-parameters: checkpointed
 

@@ -316,14 +316,14 @@ def test_learns(learning):
 def test_trains_through_the_cli(cli, tmp_path):
     # evaluated on 3-way 2-shot episodes after 5-way 1-shot training: the head has no fixed size
     run_dir = tmp_path / "run"
-    args = ["train", "algo=metaoptnet_svm", *cli.FAST, "algo.label_smoothing=0.1", "eval.ways=3", "eval.shots=2",
+    args = ["train", "algo=metaoptnet_svm", *cli.TINY, "algo.label_smoothing=0.1", "eval.ways=3", "eval.shots=2",
             f"hydra.run.dir={run_dir}"]
     proc = cli.run_many({"svm": (args, tmp_path)})["svm"]
     assert proc.returncode == 0, cli.describe(proc)
     accuracy = json.loads((run_dir / "results.json").read_text())["test"]["accuracy"]
-    assert 0 <= accuracy["mean"] <= 1 and accuracy["episodes"] == 20
+    assert 0 <= accuracy["mean"] <= 1 and accuracy["episodes"] == 4
     ckpt = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
-    assert ckpt["step"] == 20 and ckpt["config"]["algo"]["name"] == "metaoptnet_svm"
+    assert ckpt["step"] == 4 and ckpt["config"]["algo"]["name"] == "metaoptnet_svm"
     assert float(ckpt["model"]["scale"]) != pytest.approx(1.0, abs=1e-7)  # the scale is a trained meta-parameter
 
 

@@ -213,13 +213,13 @@ def test_learns(learning):
 def test_trains_through_the_cli(cli, tmp_path):
     # evaluated on 3-way 2-shot episodes after 5-way 1-shot training: the head has no fixed size
     run_dir = tmp_path / "run"
-    args = ["train", "algo=r2d2", *cli.FAST, "eval.ways=3", "eval.shots=2", f"hydra.run.dir={run_dir}"]
+    args = ["train", "algo=r2d2", *cli.TINY, "eval.ways=3", "eval.shots=2", f"hydra.run.dir={run_dir}"]
     proc = cli.run_many({"r2d2": (args, tmp_path)})["r2d2"]
     assert proc.returncode == 0, cli.describe(proc)
     accuracy = json.loads((run_dir / "results.json").read_text())["test"]["accuracy"]
-    assert 0 <= accuracy["mean"] <= 1 and accuracy["episodes"] == 20
+    assert 0 <= accuracy["mean"] <= 1 and accuracy["episodes"] == 4
     ckpt = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
-    assert ckpt["step"] == 20 and ckpt["config"]["algo"]["name"] == "r2d2"
+    assert ckpt["step"] == 4 and ckpt["config"]["algo"]["name"] == "r2d2"
     # lambda, scale and bias are checkpointed meta-parameters, and they were trained
     assert float(ckpt["model"]["log_lambda"]) != pytest.approx(math.log(50.0), abs=1e-7)
     assert float(ckpt["model"]["scale"]) != pytest.approx(10.0, abs=1e-7)

@@ -302,13 +302,13 @@ def test_learns(learning):
 def test_trains_through_the_cli(cli, tmp_path):
     run_dir = tmp_path / "run"
     # FAST's conv4 pools in every block (1x1 maps at 28x28): the paper's embedding pools in two
-    args = ["train", "algo=relationnet", *cli.FAST, "backbone.pool_layers=2", f"hydra.run.dir={run_dir}"]
+    args = ["train", "algo=relationnet", *cli.TINY, "backbone.pool_layers=2", f"hydra.run.dir={run_dir}"]
     proc = cli.run_many({"relationnet": (args, tmp_path)})["relationnet"]
     assert proc.returncode == 0, cli.describe(proc)
     accuracy = json.loads((run_dir / "results.json").read_text())["test"]["accuracy"]
-    assert 0 <= accuracy["mean"] <= 1 and accuracy["episodes"] == 20
+    assert 0 <= accuracy["mean"] <= 1 and accuracy["episodes"] == 4
     ckpt = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
-    assert ckpt["step"] == 20 and ckpt["config"]["algo"]["name"] == "relationnet"
+    assert ckpt["step"] == 4 and ckpt["config"]["algo"]["name"] == "relationnet"
     assert ckpt["config"]["backbone"]["pool_layers"] == 2
     assert any(k.startswith("relation.") for k in ckpt["model"])
 

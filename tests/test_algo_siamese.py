@@ -180,13 +180,13 @@ def test_learns(learning):
 
 
 def test_trains_through_the_cli(cli, tmp_path):
-    jobs = {"siamese": (["train", "algo=siamese", *cli.FAST, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)}
+    jobs = {"siamese": (["train", "algo=siamese", *cli.TINY, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)}
     proc = cli.run_many(jobs)["siamese"]
     assert proc.returncode == 0, cli.describe(proc)
     results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert 0 <= results["test"]["accuracy"]["mean"] <= 1 and results["test"]["accuracy"]["episodes"] == 20
+    assert 0 <= results["test"]["accuracy"]["mean"] <= 1 and results["test"]["accuracy"]["episodes"] == 4
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
-    assert ckpt["step"] == 20 and ckpt["config"]["algo"]["name"] == "siamese"
+    assert ckpt["step"] == 4 and ckpt["config"]["algo"]["name"] == "siamese"
     assert "distance.weight" in ckpt["model"]
 
 

@@ -461,9 +461,9 @@ NEW = ["reptile", "metasgd", "anil"]
 
 @pytest.fixture(scope="module")
 def cli_runs(cli, tmp_path_factory) -> dict:
-    """One FAST training run per new algorithm through ``metalearn train``, run side by side."""
+    """One TINY training run per new algorithm through ``metalearn train``, run side by side."""
     cwd = tmp_path_factory.mktemp("gradient_family")
-    jobs = {name: (["train", f"algo={name}", *cli.FAST, f"hydra.run.dir={cwd / name}"], cwd) for name in NEW}
+    jobs = {name: (["train", f"algo={name}", *cli.TINY, f"hydra.run.dir={cwd / name}"], cwd) for name in NEW}
     return {name: (proc, cwd / name) for name, proc in cli.run_many(jobs).items()}
 
 
@@ -473,9 +473,9 @@ def test_trains_through_the_cli(name, cli, cli_runs):
     assert proc.returncode == 0, cli.describe(proc)
     results = json.loads((run_dir / "results.json").read_text())
     accuracy = results["test"]["accuracy"]
-    assert 0 <= accuracy["mean"] <= 1 and accuracy["episodes"] == 20
+    assert 0 <= accuracy["mean"] <= 1 and accuracy["episodes"] == 4
     ckpt = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
-    assert ckpt["step"] == 20 and ckpt["config"]["algo"]["name"] == name
+    assert ckpt["step"] == 4 and ckpt["config"]["algo"]["name"] == name
     if name == "metasgd":  # the learned rates are meta-parameters: checkpointed and trained
         rates = [v for k, v in ckpt["model"].items() if k.startswith("inner_lrs.")]
         assert rates and any(not torch.all(r == ckpt["config"]["algo"]["inner_lr"]) for r in rates)

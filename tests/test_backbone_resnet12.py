@@ -449,9 +449,9 @@ def test_dropout_option():
 
 @pytest.fixture(scope="module")
 def cli_runs(cli, tmp_path_factory) -> dict:
-    """FAST training runs through ``metalearn train``: resnet12 with maml and protonet, and conv4_32."""
+    """TINY training runs through ``metalearn train``: resnet12 with maml and protonet, and conv4_32."""
     cwd = tmp_path_factory.mktemp("resnet12")
-    fast = [a for a in cli.FAST if not a.startswith("backbone.")]
+    fast = [a for a in cli.TINY if not a.startswith("backbone.")]
     small = ["backbone=resnet12", "backbone.channels=[8,8,16,16]"]
     jobs = {
         "maml": (["train", "algo=maml", *small, *fast, f"hydra.run.dir={cwd / 'maml'}"], cwd),
@@ -466,9 +466,9 @@ def test_trains_through_the_cli(name, cli, cli_runs):
     proc, run_dir = cli_runs[name]
     assert proc.returncode == 0, cli.describe(proc)
     results = json.loads((run_dir / "results.json").read_text())
-    assert 0 <= results["test"]["accuracy"]["mean"] <= 1 and results["test"]["accuracy"]["episodes"] == 20
+    assert 0 <= results["test"]["accuracy"]["mean"] <= 1 and results["test"]["accuracy"]["episodes"] == 4
     ckpt = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
-    assert ckpt["step"] == 20
+    assert ckpt["step"] == 4
     prefix = "net.0." if name == "maml" else "backbone."
     if name == "conv4_32":
         backbone = ckpt["config"]["backbone"]

@@ -9,8 +9,8 @@ def test_info_and_prepare_of_omniglot(cli, tmp_path):
     root = tmp_path / "data"
     alphabets = {"Alpha": 3, "Beta": 2, "Gamma": 2}
     fake_archive(root / "omniglot", "set1", alphabets)
-    args = ["data.root=" + str(root), "data.archives=[set1]", "data.split=alphabets", "data.download=false",
-            "data.train_alphabets=[Alpha]", "data.val_alphabets=[Beta]", "data.test_alphabets=[Gamma]"]
+    args = ["data.root=" + str(root), "data.archives=[set1]", "data.download=false",
+            "data.train=[Alpha]", "data.val=[Beta]", "data.test=[Gamma]"]
     runs = cli.run_many({
         "missing": (["data", "info", "data=omniglot", f"data.root={tmp_path / 'empty'}"], tmp_path),
         "usage": (["data", "show", "data=omniglot"], tmp_path),

@@ -19,7 +19,7 @@ from metalearn.data import features, glyphs
 from metalearn.errors import CheckpointError, ConfigError
 from metalearn.models import conv4
 
-LEARNING_GLYPHS = glyphs.Config(train_classes=100, val_classes=5, test_classes=50)  # what BASELINE_RUN trains on
+LEARNING_GLYPHS = glyphs.Config(split_sizes=[100, 5, 50])  # what BASELINE_RUN trains on
 
 
 def backbone_of(run_dir):

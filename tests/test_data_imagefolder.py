@@ -119,12 +119,12 @@ def test_split_by_ratios_with_a_seed(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, error, message", [
-    ({"train": ["Nope"]}, DataError, r"data.train entry 'Nope' matches no class folder under .*; its folders are: Alpha, Beta, Gamma, flat"),
-    ({"val": ["Alpha/c1"]}, ConfigError, r"1 class\(es\) are matched by both data.train and data.val \(e.g. Alpha/c1\)"),
+    ({"train": ["Nope"]}, ConfigError, r"data.train entry 'Nope' matches no class under .*; its top-level names are: Alpha, Beta, Gamma, flat"),
+    ({"val": ["Alpha/c1"]}, ConfigError, r"class Alpha/c1 is in both data.train \(by 'Alpha'\) and data.val \(by 'Alpha/c1'\); give each"),
     ({"val": []}, ConfigError, r"data.train and data.test given but data.val empty"),
     ({"train": [], "val": [], "test": [], "ratios": [1, 0, 1]}, ConfigError, r"data.ratios must be three positive numbers"),
     ({"train": [], "val": [], "test": [], "ratios": [0.96, 0.02, 0.02]}, DataError, r"leaves the val split no class of the 9"),
-    ({"test": ["../elsewhere"]}, ConfigError, r"data.test entry '../elsewhere' is not a folder or pattern inside data.path"),
+    ({"test": ["../elsewhere"]}, ConfigError, r"data.test entry '../elsewhere' is not a class name or pattern"),
     ({"path": ""}, ConfigError, r"data.path is not set"),
     ({"channels": 2}, ConfigError, r"data.channels must be 1 \(greyscale\) or 3 \(RGB\)"),
 ])

@@ -99,20 +99,21 @@ def test_downloads_and_splits_digits_with_their_pixels(tmp_path, served):
 def test_class_lists_resize_and_sources(tmp_path):
     put_files(tmp_path)
     cfg = mnist.Config(root=str(tmp_path), download=False, md5=MD5, image_size=14,
-                       train_classes=[9, 0, 1], val_classes=[2, 3], test_classes=[4])
+                       train=[9, 0, 1], val=[2, 3], test=[4])
     stores = mnist.load(cfg)
-    assert stores["train"].class_names == ["9", "0", "1"]
+    assert stores["train"].class_names == ["0", "1", "9"]  # a split is a set: in the dataset's order
     assert stores["test"].class_names == ["4"] and stores["test"].input_shape == (1, 14, 14)
     assert mnist.sources(cfg) == [tmp_path / "mnist" / name for name in mnist.FILES.values()]
 
 
 @pytest.mark.parametrize("lists, message", [
-    ({"val_classes": []}, "data.val_classes is empty"),
-    ({"test_classes": [10]}, "not a digit"),
-    ({"test_classes": [5]}, "digit 5 is listed in both data.train_classes and data.test_classes"),
+    ({"train": ["0"], "test": ["1"]}, "data.train and data.test given but data.val empty"),
+    ({"train": ["0"], "val": ["1"], "test": ["10"]}, "data.test entry '10' matches no digit of mnist; its names are: 0, 1, 2"),
+    ({"train": ["[0-5]"], "val": ["6"], "test": ["5"]},
+     r"digit 5 is in both data.train \(by '\[0-5\]'\) and data.test \(by '5'\); give each digit to one split only"),
 ])
 def test_bad_class_lists_are_config_errors(tmp_path, lists, message):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message):  # before any file is read: the folder is empty
         mnist.load(mnist.Config(root=str(tmp_path), download=False, **lists))
 
 
@@ -175,7 +176,8 @@ def test_cache_is_reused_then_rebuilt_when_a_file_changes(tmp_path):
 def test_yaml_matches_the_config_defaults():
     data = composed_config("mnist")
     assert data.md5 == mnist.OFFICIAL_MD5 and data.base_url == mnist.OFFICIAL_URL
-    assert (data.train_classes, data.val_classes, data.test_classes) == ([0, 1, 2, 3, 4, 5], [6, 7], [8, 9])
+    assert (data.train, data.val, data.test, data.split_seed) == ([], [], [], None)  # the standard split:
+    assert mnist.STANDARD_SPLIT == {"train": ["0", "1", "2", "3", "4", "5"], "val": ["6", "7"], "test": ["8", "9"]}
     assert data.image_size == 28 and data.augment.flip is False
 
 
@@ -204,7 +206,7 @@ def test_doublemnist_composes_a_beside_b_deterministically(tmp_path):
     put_files(tmp_path / "elsewhere")
     again = doublemnist.load(double_config(tmp_path / "elsewhere", image_size=56))
     assert torch.equal(again["train"].images, stores["train"].images)
-    reseeded = doublemnist.load(double_config(tmp_path, image_size=56, seed=1))
+    reseeded = doublemnist.load(double_config(tmp_path, image_size=56, generation_seed=1))
     assert not torch.equal(reseeded["train"].images, stores["train"].images)
 
 
@@ -224,18 +226,19 @@ def test_doublemnist_default_size_stats_and_downloads(tmp_path, served):
 def test_doublemnist_class_lists(tmp_path):
     put_files(tmp_path)
     # Numbers as YAML or the command line may give them ("07" -> 7 -> "7") are padded back.
-    stores = doublemnist.load(double_config(tmp_path, image_size=28, train_classes=["7", "42"],
-                                            val_classes=["00"], test_classes=["99"]))
+    stores = doublemnist.load(double_config(tmp_path, image_size=28, train=["7", "42"], val=["00"], test=["9?"]))
     assert stores["train"].class_names == ["07", "42"] and stores["val"].class_names == ["00"]
-    with pytest.raises(ConfigError, match="class 42 is listed in both data.train_classes and data.test_classes"):
-        doublemnist.load(double_config(tmp_path, train_classes=["42"], val_classes=["1"], test_classes=["42"]))
-    with pytest.raises(ConfigError, match="'100', which is not a class"):
-        doublemnist.load(double_config(tmp_path, train_classes=["100"]))
+    assert stores["test"].class_names == [f"9{d}" for d in range(10)]
+    with pytest.raises(ConfigError, match=r"class 42 is in both data.train \(by '42'\) and data.test \(by '42'\)"):
+        doublemnist.load(double_config(tmp_path, train=["42"], val=["1"], test=["42"]))
+    with pytest.raises(ConfigError, match="data.train entry '100' matches no class of doublemnist"):
+        doublemnist.load(double_config(tmp_path, train=["100"], val=["1"], test=["2"]))
 
 
 def test_doublemnist_yaml_is_torchmeta_split():
     data = composed_config("doublemnist")
-    assert [data.train_classes, data.val_classes, data.test_classes] == list(doublemnist.TORCHMETA_SPLIT.values())
-    assert (len(data.train_classes), len(data.val_classes), len(data.test_classes)) == (64, 16, 20)
-    assert sorted(data.train_classes + data.val_classes + data.test_classes) == doublemnist.CLASSES
+    assert (data.train, data.val, data.test, data.split_seed) == ([], [], [], None)  # the standard split: torchmeta's
+    split = doublemnist.TORCHMETA_SPLIT
+    assert (len(split["train"]), len(split["val"]), len(split["test"])) == (64, 16, 20)
+    assert sorted(split["train"] + split["val"] + split["test"]) == doublemnist.CLASSES
     assert data.image_size == 64 and data.images_per_class == 1000 and data.md5 == mnist.OFFICIAL_MD5

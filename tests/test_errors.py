@@ -103,6 +103,23 @@ MISTAKES = {
                                                   "hydra.run.dir="], 2),
     "disk full while saving a checkpoint": (["train", *FAST, "hydra.run.dir={tmp}/run"],
                                             ["cannot write {tmp}/run/checkpoints/", "free space"], 4),
+    "data root on a read-only file system": (["train", "data=imagefolder", "data.path={files}/images",
+                                              "data.root=/proc/metalearn-data", "data.image_size=8", "hydra.run.dir={tmp}/run"],
+                                             ["cannot write the imagefolder", "/proc/metalearn-data/imagefolder/cache",
+                                              "set data.cache_dir="], 4),
+    # keys renamed by the split vocabulary (metalearn/renamed.py)
+    "old Omniglot split keys": (["train", "data=omniglot", "data.train_alphabets=[Balinese,Greek]"],
+                                ["data.train_alphabets was renamed: use data.train=[Balinese,Greek]"], 2),
+    "old Omniglot split choice": (["train", "data=omniglot", "data.split=vinyals"],
+                                  ["data.split was removed", "data.train, data.val and data.test empty", "Vinyals"], 2),
+    "old class-list keys": (["train", "data=mnist", "data.val_classes=[6,7]"], ["data.val_classes was renamed: use data.val=[6,7]"], 2),
+    "old glyphs size keys": (["train", "data=glyphs", "data.train_classes=20", "data.val_classes=10", "data.test_classes=10"],
+                             ["data.train_classes, data.val_classes, data.test_classes were renamed",
+                              "use data.split_sizes=[20,10,10]"], 2),
+    "old dataset seed key": (["train", "data=glyphs", "data.seed=3"], ["data.seed was renamed: use data.generation_seed=3"], 2),
+    "old keys in a data YAML": (["train", "--config-dir={files}/conf", "data=old_glyphs", "hydra.run.dir={tmp}/run"],
+                                ["data.train_classes, data.val_classes, data.test_classes were renamed",
+                                 "use data.split_sizes=[20,10,10]"], 2),
 }
 
 #: Cases run with a limit on the bytes written to one file (conftest.run_cli): a full disk, simulated.
@@ -111,7 +128,8 @@ FILE_SIZE_LIMIT = {"disk full while saving a checkpoint": 60_000}  # a FAST chec
 
 #: Cases that only fail as described on some machines.
 ONLY_IF = {"device=cuda without CUDA": (not torch.cuda.is_available(), "this machine has CUDA"),
-           "run directory on a read-only file system": (Path("/proc/self").is_dir(), "no /proc here")}
+           "run directory on a read-only file system": (Path("/proc/self").is_dir(), "no /proc here"),
+           "data root on a read-only file system": (Path("/proc/self").is_dir(), "no /proc here")}
 
 
 def slug(name: str) -> str:
@@ -143,7 +161,8 @@ def make_checkpoint_files(folder: Path, run: Path) -> None:
 
 
 def make_data_files(folder: Path) -> None:
-    """An image folder of 5 classes with one unreadable PNG; Omniglot archives cut short."""
+    """An image folder of 5 classes with one unreadable PNG; Omniglot archives cut short; a data YAML with keys
+    of before the split vocabulary."""
     from PIL import Image
 
     for c in range(5):
@@ -157,6 +176,8 @@ def make_data_files(folder: Path) -> None:
         zf.writestr("images_background/Latin/character01/0001_01.png", b"x" * 1000)
     for name in ("images_background", "images_evaluation"):
         (folder / "archives" / "omniglot" / f"{name}.zip").write_bytes(archive.getvalue()[:200])
+    (folder / "conf" / "data").mkdir(parents=True)
+    (folder / "conf" / "data" / "old_glyphs.yaml").write_text("name: glyphs\ntrain_classes: 20\nval_classes: 10\ntest_classes: 10\n")
 
 
 @pytest.fixture(scope="module")

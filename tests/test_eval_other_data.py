@@ -31,8 +31,8 @@ ACCURACY = re.compile(r"accuracy: ([\d.]+)% \+- ([\d.]+)% \(95% CI, (\d+) episod
 
 def glyph_classes(seed: int, classes: int, samples: int) -> list[torch.Tensor]:
     """Per class, its uint8 glyph images [samples, 28, 28]: classes no run has seen (another data seed)."""
-    store = glyphs.load(glyphs.Config(train_classes=1, val_classes=1, test_classes=classes,
-                                      samples_per_class=samples, seed=seed))["test"]
+    store = glyphs.load(glyphs.Config(split_sizes=[1, 1, classes],
+                                      samples_per_class=samples, generation_seed=seed))["test"]
     return [store.images[o : o + n, 0] for o, n in zip(store.offsets.tolist(), store.counts.tolist())]
 
 
@@ -69,7 +69,7 @@ def evaluations(run, cli, tmp_path_factory) -> dict:
         for i, x in enumerate(images):
             save_png(x, tree / f"class{c}" / f"{i}.png")
     # The run's first 8 test episodes exactly, written as episode folders.
-    test = glyphs.load(glyphs.Config(train_classes=40, val_classes=20, test_classes=20))["test"]
+    test = glyphs.load(glyphs.Config(split_sizes=[40, 20, 20]))["test"]
     sampler = test.sampler(5, 1, 15, 1, seed=1)  # eval's default seed: trainer.eval_seed + 1
     for e in range(8):
         task = sampler.sample()

@@ -73,7 +73,7 @@ def reference_of(algo):
 
 
 def glyph_batch(seed: int = 0, shots: int = SHOTS) -> TaskBatch:
-    stores = glyphs.load(glyphs.Config(train_classes=12, val_classes=1, test_classes=1, image_size=SIZE))
+    stores = glyphs.load(glyphs.Config(split_sizes=[12, 1, 1], image_size=SIZE))
     return stores["train"].sampler(WAYS, shots, QUERIES, TASKS, seed=seed).sample()
 
 
@@ -168,10 +168,10 @@ def test_fast_cpu_kernels_round_more_as_documented():
 
 def test_cpu_kernels_is_a_device_key_with_one_line_errors():
     def cfg(kernels):
-        return to_run_config({"algo": {"name": "protonet"}, "data": {"name": "glyphs", "train_classes": 12},
+        return to_run_config({"algo": {"name": "protonet"}, "data": {"name": "glyphs", "split_sizes": [12, 100, 100]},
                               "backbone": {"name": "conv4", "hidden": 8}, "device": {"type": "cpu", "cpu_kernels": kernels}})
 
-    store = glyphs.load(glyphs.Config(train_classes=12, val_classes=5, test_classes=5))["train"]
+    store = glyphs.load(glyphs.Config(split_sizes=[12, 5, 5]))["train"]
     assert build_algorithm(cfg("fast"), store).backbone.cpu_kernels == "fast"
     assert build_algorithm(cfg("exact"), store).backbone.cpu_kernels == "exact"
     with pytest.raises(ConfigError, match=r"^device.cpu_kernels='nchw' is not one of: exact, fast$"):

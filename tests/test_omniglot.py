@@ -33,8 +33,7 @@ SMALL_CHARS = {
 
 
 def small_config(root: Path, **overrides) -> omniglot.Config:
-    alphabets = {f"{split}_alphabets": names for split, names in SMALL_SPLIT.items()}
-    return omniglot.Config(**{"root": str(root), "archives": SMALL, "download": False, "split": "alphabets", **alphabets, **overrides})
+    return omniglot.Config(**{"root": str(root), "archives": SMALL, "download": False, **SMALL_SPLIT, **overrides})
 
 
 def fake_archive(folder: Path, name: str, alphabets: dict[str, int], drawings: int = 2) -> Path:
@@ -135,8 +134,9 @@ def test_corrupt_cache_is_rebuilt(small):
 
 def test_unknown_alphabet_lists_the_available_ones(small):
     root, _, _ = small
-    with pytest.raises(DataError, match=r"unknown alphabet\(s\) Klingon in data.val_alphabets; available: Balinese, Early_Aramaic, Greek"):
-        omniglot.load(small_config(root, val_alphabets=["Klingon"]))
+    with pytest.raises(ConfigError, match=r"data.val entry 'Klingon' matches no character of omniglot; its top-level "
+                                          r"names are: Balinese, Early_Aramaic, Greek, Korean, Latin, Japanese_\(katakana\)"):
+        omniglot.load(small_config(root, val=["Klingon"]))
 
 
 def test_missing_archives_without_download_name_the_folder(tmp_path):
@@ -157,12 +157,10 @@ def test_unknown_archives_are_never_downloaded(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"split": "random"}, "unknown data.split='random'"),
         ({"image_size": 0}, "data.image_size must be >= 1"),
-        ({"split": "vinyals", "train_alphabets": [], "val_alphabets": [], "test_alphabets": []}, "use data.split=alphabets"),
-        ({"val_alphabets": ["Greek"]}, "'Greek' is in both data.train_alphabets and data.val_alphabets"),
-        ({"test_alphabets": []}, "data.test_alphabets is empty"),
+        ({"test": []}, "data.train and data.val given but data.test empty"),
         ({"archives": ["../images_background"]}, "not a plain archive name"),
+        ({"train": ["../Greek"]}, "data.train entry '../Greek' is not a class name or pattern"),
     ],
 )
 def test_bad_config_values(tmp_path, overrides, message):
@@ -170,9 +168,11 @@ def test_bad_config_values(tmp_path, overrides, message):
         omniglot.load(small_config(tmp_path, **overrides))
 
 
-def test_vinyals_alphabet_lists_are_rejected(tmp_path):
-    with pytest.raises(ConfigError, match="data.train_alphabets is set but data.split=vinyals"):
-        omniglot.load(omniglot.Config(root=str(tmp_path), train_alphabets=["Greek"]))
+def test_an_alphabet_in_two_splits_is_named_with_both(small):
+    root, _, _ = small
+    with pytest.raises(ConfigError, match=r"character Greek/character01 is in both data.train \(by 'Greek'\) and "
+                                          r"data.val \(by 'Gr\*'\) \(and 23 more\); give each character to one split only"):
+        omniglot.load(small_config(root, val=["Gr*"]))
 
 
 def test_vinyals_split_file():
@@ -204,8 +204,8 @@ def test_alphabets_split_on_fake_archives(tmp_path):
     folder = tmp_path / "omniglot"
     fake_archive(folder, "first", {"A": 3, "B": 2})
     fake_archive(folder, "second", {"A": 5, "C": 1}, drawings=3)
-    cfg = omniglot.Config(root=str(tmp_path), archives=["first", "second"], split="alphabets", image_size=14,
-                          train_alphabets=["A"], val_alphabets=["B"], test_alphabets=["C"], download=False)
+    cfg = omniglot.Config(root=str(tmp_path), archives=["first", "second"], image_size=14,
+                          train=["A"], val=["B"], test=["C"], download=False)
     stores = omniglot.load(cfg)
     # A comes from the first archive listing it: 3 characters of 2 drawings, not 5 of 3.
     assert stores["train"].num_classes == 12 and stores["train"].counts.eq(2).all()
@@ -216,8 +216,8 @@ def test_alphabets_split_on_fake_archives(tmp_path):
 def test_reextracted_archive_rebuilds_the_cache(tmp_path):
     folder = tmp_path / "omniglot"
     fake_archive(folder, "first", {"A": 2, "B": 1, "C": 1})
-    cfg = omniglot.Config(root=str(tmp_path), archives=["first"], split="alphabets",
-                          train_alphabets=["A"], val_alphabets=["B"], test_alphabets=["C"], download=False)
+    cfg = omniglot.Config(root=str(tmp_path), archives=["first"],
+                          train=["A"], val=["B"], test=["C"], download=False)
     assert omniglot.load(cfg)["train"].num_classes == 8
     shutil.rmtree(folder / "first")
     fake_archive(folder, "first", {"A": 3, "B": 1, "C": 1})

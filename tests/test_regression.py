@@ -125,11 +125,16 @@ def regression_config(algo: dict, steps: int):
     })
 
 
-@pytest.mark.parametrize("algo", [{"name": "maml", "inner_lr": 0.01, "test_inner_steps": 10},
-                                  {"name": "reptile", "inner_lr": 0.02, "inner_steps": 5, "test_inner_steps": 10}])
-def test_meta_training_lowers_the_post_adaptation_mse(algo):
-    """300 meta-steps: MSE after 10 fine-tuning steps falls well below that of the untrained network (about 3)."""
-    cfg = regression_config(algo, 300)
+# Steps and outer Adam lr of each: reptile's task loop makes its step about 25x MAML's here, so it gets
+# fewer, larger steps. Measured (seeds 0 and 1, MSE after / before): maml 300 steps at 1e-3 0.49 (2 s of
+# training); reptile 60 steps at 1e-2 about 0.3 (0.35 and 0.33 after 50; 9 s).
+@pytest.mark.parametrize("algo,steps,lr", [
+    ({"name": "maml", "inner_lr": 0.01, "test_inner_steps": 10}, 300, 1e-3),
+    ({"name": "reptile", "inner_lr": 0.02, "inner_steps": 5, "test_inner_steps": 10}, 60, 1e-2)])
+def test_meta_training_lowers_the_post_adaptation_mse(algo, steps, lr):
+    """MSE after 10 fine-tuning steps falls well below that of the untrained network (about 4)."""
+    cfg = regression_config(algo, steps)
+    cfg.optim.lr = lr
     cpu = torch.device("cpu")
     engine.seed_everything(0)
     stores = engine.load_data(cfg, cpu)
@@ -137,7 +142,7 @@ def test_meta_training_lowers_the_post_adaptation_mse(algo):
     optimizer, _ = engine.build_optimizer(cfg, model.parameters())
 
     def test_mse() -> float:
-        return engine.evaluate(model, stores["test"], 1, 10, 10, 200, 100, 1, cpu)["mse"]["mean"]
+        return engine.evaluate(model, stores["test"], 1, 10, 10, 100, 100, 1, cpu)["mse"]["mean"]
 
     before = test_mse()
     sampler = stores["train"].sampler(1, 10, 10, 25, 0, training=True)

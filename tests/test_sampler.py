@@ -277,7 +277,7 @@ def test_check_episode_nonpositive(ways, shots, queries):
 
 
 def small_glyphs(**overrides) -> glyphs.Config:
-    return glyphs.Config(**{"train_classes": 12, "val_classes": 5, "test_classes": 7, "samples_per_class": 6, **overrides})
+    return glyphs.Config(**{"split_sizes": [12, 5, 7], "samples_per_class": 6, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -287,7 +287,7 @@ def glyph_stores():
 
 def test_glyphs_sizes(glyph_stores):
     cfg = small_glyphs()
-    sizes = {"train": cfg.train_classes, "val": cfg.val_classes, "test": cfg.test_classes}
+    sizes = dict(zip(("train", "val", "test"), cfg.split_sizes))
     assert set(glyph_stores) == set(sizes)
     names = []
     for split, n in sizes.items():
@@ -311,7 +311,7 @@ def test_glyphs_deterministic(glyph_stores):
 
 
 def test_glyphs_seed_changes_data(glyph_stores):
-    other = glyphs.load(small_glyphs(seed=1))
+    other = glyphs.load(small_glyphs(generation_seed=1))
     for split, s in glyph_stores.items():
         assert not torch.equal(s.images, other[split].images)
     # and the splits of one dataset are not copies of each other

@@ -9,7 +9,11 @@ extracting: ``data`` (uint8 [N, 3072], the R, G and B planes of 32x32 images, ro
 The few-shot splits use all 600 images of a class, so both pickles are merged. The first
 load decodes them once into ``<root>/cifar100/cache/cifar100-<size>px-v<N>.pt`` (images
 sorted by fine class; sizes other than 32 resized with antialiased bilinear filtering);
-later loads read only that file, rebuilt when the archive changes.
+later loads read only that file, rebuilt when the archive changes. With ``data.cache_dir``
+set, the download and the cache go to ``<cache_dir>/cifar100/`` (an archive under the
+root is read from there). Both splits take ``data.train``/``val``/``test`` (fine class
+names or patterns) and ``data.split_seed`` instead of their standard split
+(``metalearn.data.common.choose_split``).
 """
 
 from __future__ import annotations
@@ -30,12 +34,12 @@ import torch
 
 from metalearn.data import SPLITS
 from metalearn.data.common import (
-    DataUnpickler, ImageConfig, cached, check_image_config, class_subset, dataset_dir, fetch, file_signature, first_line,
-    text,
+    DataUnpickler, ImageConfig, cached, check_image_config, check_split_config, choose_split, class_subset, data_dirs,
+    fetch, file_signature, first_line, text,
 )
 from metalearn.data.download import check_md5
 from metalearn.data.episodes import ClassStore
-from metalearn.data.transforms import resize
+from metalearn.data.images import resize
 from metalearn.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -65,7 +69,8 @@ class Cifar100Config(ImageConfig):
 
 
 def archive_path(cfg: Cifar100Config) -> Path:
-    return dataset_dir(cfg, FOLDER) / ARCHIVE
+    """The archive under the data root if there, else under the cache dir (where it is downloaded)."""
+    return data_dirs(cfg, FOLDER).find(ARCHIVE)
 
 
 def sources(cfg: Cifar100Config) -> list[Path]:
@@ -80,20 +85,23 @@ def load_images(cfg: Cifar100Config) -> dict:
     "fine_names": [100 str], "coarse_names": [20 str]}``.
     """
     check_image_config(cfg)
+    check_split_config(cfg)
     archive, downloaded = _ensure_archive(cfg)
     meta = {"version": _CACHE_VERSION, "image_size": cfg.image_size, "sources": file_signature(archive)}
-    path = archive.parent / "cache" / f"cifar100-{cfg.image_size}px-v{_CACHE_VERSION}.pt"
+    dirs = data_dirs(cfg, FOLDER)
+    path = dirs.cache(f"cifar100-{cfg.image_size}px-v{_CACHE_VERSION}.pt")
 
     def build() -> dict:
         if cfg.md5 and not downloaded:  # a download was just checked; a copy put there by hand is checked once here
             check_md5(archive, cfg.md5, f"{_url(cfg)}, or data.md5='' to skip the check for a copy you trust")
         return _decode(archive, cfg.image_size)
 
-    return cached(path, meta, build, "CIFAR-100")
+    return cached(path, meta, build, "CIFAR-100", dirs)
 
 
 def split_stores(cfg: Cifar100Config, data: dict, split_classes: dict[str, list[str]], split_name: str) -> dict[str, ClassStore]:
-    """One ClassStore per split of ``data`` (from ``load_images``) holding the fine classes named in ``split_classes``.
+    """One ClassStore per split of ``data`` (from ``load_images``): the standard ``split_classes``, or the
+    split the config's ``data.train``/``val``/``test``/``split_seed`` choose over the 100 fine classes.
 
     Classes keep CIFAR-100's (alphabetical) label order within a split; ``split_name`` names
     the split in error messages (e.g. "CIFAR-FS").
@@ -106,6 +114,7 @@ def split_stores(cfg: Cifar100Config, data: dict, split_classes: dict[str, list[
             f"{archive_path(cfg)} has no class {unknown[0]!r} of the {split_name} split, so it is not CIFAR-100; "
             f"delete it and run again to download it afresh"
         )
+    split_classes = choose_split(cfg, names, split_classes)
     counts = torch.bincount(data["fine_labels"], minlength=len(names))
     empty = [name for classes in split_classes.values() for name in classes if counts[index[name]] == 0]
     if empty:
@@ -125,7 +134,7 @@ def _url(cfg: Cifar100Config) -> str:
 def _ensure_archive(cfg: Cifar100Config) -> tuple[Path, bool]:
     """The archive's path, downloading it first if missing; and whether it was just downloaded."""
     archive = archive_path(cfg)
-    return archive, fetch(archive, _url(cfg), cfg.download, cfg.md5)
+    return archive, fetch(archive, _url(cfg), cfg.download, cfg.md5, dirs=data_dirs(cfg, FOLDER))
 
 
 def _decode(archive: Path, size: int) -> dict:

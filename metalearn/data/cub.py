@@ -4,14 +4,17 @@ The few-shot split is the standard one of Chen et al. ("A Closer Look at Few-sho
 Classification", ICLR 2019, ``filelists/CUB/write_CUB_filelist.py``): with the 200 classes in
 order (0-based index i = class id - 1 of ``classes.txt``, the order of the sorted class folders),
 train takes i % 2 == 0, val i % 4 == 1 and test i % 4 == 3: 100 / 50 / 50 classes with all
-their images. Classes are named as in ``classes.txt`` (``001.Black_footed_Albatross``).
+their images. Classes are named as in ``classes.txt`` (``001.Black_footed_Albatross``);
+``data.train``/``val``/``test`` (names or patterns such as ``"0[0-4]?.*"``) or
+``data.split_seed`` give other splits (``metalearn.data.common.choose_split``).
 
 Files live under ``<root>/cub/``: the official archive ``CUB_200_2011.tgz`` (downloaded, md5
 checked, when missing, and kept). ``CUB_200_2011/classes.txt``, ``CUB_200_2011/images.txt``
 and the JPEGs ``CUB_200_2011/images/<NNN.Name>/<file>.jpg`` it lists are read straight out of
 the archive, without extracting. The first load decodes every JPEG once (Pillow, greyscale
 and other modes converted to RGB) and caches uint8 tensors in ``<root>/cub/cache/``; later
-loads read only that file, rebuilt when the archive changes.
+loads read only that file, rebuilt when the archive changes. With ``data.cache_dir`` set,
+the download and the cache go to ``<cache_dir>/cub/`` (an archive under the root is read from there).
 
 Resizing: the whole image is resized to ``image_size`` x ``image_size`` (aspect ratio not
 kept, BILINEAR filtering, which averages over the source pixels when shrinking), the common
@@ -25,23 +28,23 @@ Normalisation uses ImageNet's per-channel mean (0.485, 0.456, 0.406) and std (0.
 from __future__ import annotations
 
 import gzip
-import io
 import logging
 import tarfile
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 
 from metalearn.data.common import (
-    ImageConfig, cached, check_image_config, class_subset, dataset_dir, fetch, file_signature, first_line,
+    ImageConfig, cached, check_image_config, check_split_config, choose_split, class_subset, data_dirs, fetch,
+    file_signature, first_line, split_indices,
 )
 from metalearn.data.download import check_md5
 from metalearn.data.episodes import ClassStore
+from metalearn.data.images import PIL_BILINEAR, decode_array, decode_many
 from metalearn.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -55,9 +58,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Bump when the cache's content or preprocessing changes, so old caches are rebuilt.
 _CACHE_VERSION = 1
-# JPEGs decoded together: enough to keep every core busy, few enough that the compressed
-# bytes waiting for a thread stay small.
-_BATCH = 256
 
 
 @dataclass
@@ -71,11 +71,13 @@ class Config(ImageConfig):
 
 def load(cfg: Config) -> dict[str, ClassStore]:
     check_image_config(cfg)
+    check_split_config(cfg)
     if not 1.0 <= cfg.crop_margin <= 4.0:
         raise ConfigError(f"data.crop_margin must be in [1, 4] (got {cfg.crop_margin}); 1 resizes the whole image")
     archive, downloaded = _ensure_archive(cfg)
     margin = f"-crop{cfg.crop_margin:g}" if cfg.crop_margin != 1.0 else ""
-    path = archive.parent / "cache" / f"cub-{cfg.image_size}px{margin}-v{_CACHE_VERSION}.pt"
+    dirs = data_dirs(cfg)
+    path = dirs.cache(f"cub-{cfg.image_size}px{margin}-v{_CACHE_VERSION}.pt")
     meta = {
         "version": _CACHE_VERSION,
         "image_size": cfg.image_size,
@@ -88,13 +90,16 @@ def load(cfg: Config) -> dict[str, ClassStore]:
             check_md5(archive, cfg.md5, f"{_url(cfg)}, or data.md5='' to skip the check for a copy you trust")
         return _decode(archive, cfg.image_size, cfg.crop_margin)
 
-    data = cached(path, meta, build, "CUB")
-    return {split: class_subset(data["images"], data["labels"], data["class_names"], classes, IMAGENET_MEAN, IMAGENET_STD) for split, classes in chen_split().items()}
+    data = cached(path, meta, build, "CUB", dirs)
+    names = list(data["class_names"])
+    standard = {split: [names[i] for i in classes] for split, classes in chen_split().items()}
+    chosen = split_indices(names, choose_split(cfg, names, standard))
+    return {split: class_subset(data["images"], data["labels"], names, classes, IMAGENET_MEAN, IMAGENET_STD) for split, classes in chosen.items()}
 
 
 def sources(cfg: Config) -> list[Path]:
-    """The raw files the loader reads (downloading them when missing)."""
-    return [dataset_dir(cfg) / ARCHIVE]
+    """The raw files the loader reads (under the root, else the cache dir, where a missing one is downloaded)."""
+    return [data_dirs(cfg).find(ARCHIVE)]
 
 
 def chen_split() -> dict[str, list[int]]:
@@ -113,8 +118,9 @@ def _url(cfg: Config) -> str:
 
 def _ensure_archive(cfg: Config) -> tuple[Path, bool]:
     """The archive's path, downloading it first if missing; and whether it was just downloaded."""
-    archive = dataset_dir(cfg) / ARCHIVE
-    return archive, fetch(archive, _url(cfg), cfg.download, cfg.md5, " (1.1 GB)")
+    dirs = data_dirs(cfg)
+    archive = dirs.find(ARCHIVE)
+    return archive, fetch(archive, _url(cfg), cfg.download, cfg.md5, " (1.1 GB)", dirs=dirs)
 
 
 def _decode(archive: Path, size: int, margin: float) -> dict:
@@ -156,17 +162,8 @@ def _read_archive(archive: Path, size: int, margin: float) -> tuple[dict[str, st
     JPEGs are keyed by their path under images/ (``<NNN.Name>/<file>.jpg``), as images.txt lists them.
     """
     texts: dict[str, str] = {}
-    decoded: dict[str, np.ndarray] = {}
-    batch: list[tuple[str, bytes]] = []
-    # Pillow releases the GIL while decoding and resizing, so threads use every core.
-    pool = ThreadPoolExecutor()
 
-    def flush() -> None:
-        arrays = pool.map(lambda item: _decode_jpeg(item[1], size, margin, f"{archive}:{TOP}/images/{item[0]}"), batch)
-        decoded.update(zip((path for path, _ in batch), arrays))
-        batch.clear()
-
-    try:
+    def jpegs() -> Iterator[tuple[str, bytes]]:
         with tarfile.open(archive, "r:gz") as tf:
             for member in tf:
                 name = member.name.removeprefix("./")
@@ -178,17 +175,20 @@ def _read_archive(archive: Path, size: int, margin: float) -> tuple[dict[str, st
                         texts[relative] = f.read().decode("utf-8")
                 elif relative.startswith("images/") and relative.lower().endswith(".jpg"):
                     with tf.extractfile(member) as f:
-                        batch.append((relative[len("images/") :], f.read()))
-                    if len(batch) >= _BATCH:
-                        flush()
-            flush()
+                        data = f.read()
+                    yield relative[len("images/") :], data
+
+    def one(item: tuple[str, bytes]) -> tuple[str, np.ndarray]:
+        path, data = item
+        return path, _decode_jpeg(data, size, margin, f"{archive}:{TOP}/images/{path}")
+
+    try:
+        # Decoded on threads while the archive is read on; only a window of JPEGs is held at a time.
+        decoded = dict(decode_many(one, jpegs()))
     except (tarfile.TarError, zlib.error, EOFError, gzip.BadGzipFile, UnicodeDecodeError) as e:
         raise DataError(
             f"{archive} is corrupt ({type(e).__name__}: {first_line(e)}); delete it and run again to download it afresh"
         ) from None
-    finally:
-        # Without cancel_futures, Ctrl-C would still wait for every queued image.
-        pool.shutdown(cancel_futures=True)
     missing = [f"{TOP}/{name}" for name in ("classes.txt", "images.txt") if name not in texts]
     if missing:
         raise DataError(
@@ -199,19 +199,10 @@ def _read_archive(archive: Path, size: int, margin: float) -> tuple[dict[str, st
 
 
 def _decode_jpeg(data: bytes, size: int, margin: float, where: str) -> np.ndarray:
-    """One JPEG as uint8 [3, size, size]: RGB, resized whole (margin 1) or resized larger and centre-cropped."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            rgb = image.convert("RGB")  # some CUB photos are greyscale
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"cannot decode {where} ({first_line(e)}); the archive is damaged: delete it and run again") from None
-    scaled = size if margin == 1.0 else int(size * margin)
-    rgb = rgb.resize((scaled, scaled), Image.Resampling.BILINEAR)
-    if scaled != size:
-        # The centre crop's corner rounds like torchvision's CenterCrop.
-        corner = int(round((scaled - size) / 2.0))
-        rgb = rgb.crop((corner, corner, corner + size, corner + size))
-    return np.asarray(rgb).transpose(2, 0, 1).copy()
+    """One JPEG as uint8 [3, size, size]: RGB (some CUB photos are greyscale), resized whole with
+    BILINEAR (margin 1) or resized larger and centre-cropped."""
+    return decode_array(data, mode="RGB", size=size, resample=PIL_BILINEAR, crop_margin=margin, error=lambda e: (
+        f"cannot decode {where} ({first_line(e)}); the archive is damaged: delete it and run again"))
 
 
 def _parse_classes(text: str, archive: Path) -> list[str]:

@@ -9,13 +9,17 @@ image of digit a beside an image of digit b (28x56; digits drawn from all 70000 
 images, as in Sun's generator), padded with 14 empty rows above and below to a 56x56
 square so the digits keep their shape, then resized to ``image_size`` (64 by default,
 the size of Sun's and torchmeta's files). The digit images of class "ab" are drawn by
-a generator seeded with (``seed``, a, b): the dataset is a pure function of the MNIST
-files and these options. Unlike Sun's files, the digits are not shifted at random.
+a generator seeded with (``generation_seed``, a, b): the dataset is a pure function of
+the MNIST files and these options (``generation_seed`` makes the images; it is not a
+split seed, nor the run's seed). Unlike Sun's files, the digits are not shifted at random.
 
-The class split is torchmeta's (Sun's generator with seed 123): 64 training, 16
-validation and 20 test classes. The composed images are cached once in
-``<root>/mnist/cache/doublemnist-<size>px-<n>per-class-seed<seed>-v<N>.pt`` with each
-class's channel statistics, from which the training split's mean and std are pooled.
+The standard class split is torchmeta's (Sun's generator with seed 123): 64 training, 16
+validation and 20 test classes; ``data.train``/``val``/``test`` (names such as ``"07"``, or
+patterns such as ``"0?"``) or ``data.split_seed`` give others
+(``metalearn.data.common.choose_split``). The composed images are cached once in
+``<root>/mnist/cache/doublemnist-<size>px-<n>per-class-seed<generation_seed>-v<N>.pt``
+(``<cache_dir>/mnist/cache/`` with ``data.cache_dir`` set) with each class's channel
+statistics, from which the training split's mean and std are pooled.
 """
 
 from __future__ import annotations
@@ -28,11 +32,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from metalearn.data import SPLITS, mnist
-from metalearn.data.common import ImageConfig, cached, check_image_config, dataset_dir, file_signature
+from metalearn.data import mnist
+from metalearn.data.common import (
+    ImageConfig, cached, check_image_config, check_split_config, choose_split, data_dirs, file_signature,
+)
 from metalearn.data.episodes import ClassStore
 from metalearn.data.imagefolder import class_stats, pooled_stats
-from metalearn.data.transforms import resize
+from metalearn.data.images import resize
 from metalearn.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -59,20 +65,18 @@ class Config(ImageConfig):
     name: str = "doublemnist"
     image_size: int = 64
     images_per_class: int = 1000  # as in Sun's and torchmeta's files
-    seed: int = 0  # the dataset's own seed, picking the digit images of each class (not the run's seed)
+    # picks the MNIST images composing each class (another seed: other images); not the run's seed, not a split seed
+    generation_seed: int = 0
     base_url: str = mnist.OFFICIAL_URL  # where the MNIST files are downloaded from
     md5: dict[str, str] = field(default_factory=lambda: dict(mnist.OFFICIAL_MD5))  # of the MNIST files; "" skips one
-    train_classes: list[str] = field(default_factory=lambda: list(TORCHMETA_SPLIT["train"]))
-    val_classes: list[str] = field(default_factory=lambda: list(TORCHMETA_SPLIT["val"]))
-    test_classes: list[str] = field(default_factory=lambda: list(TORCHMETA_SPLIT["test"]))
 
 
 def load(cfg: Config) -> dict[str, ClassStore]:
     check_image_config(cfg)
     if cfg.images_per_class < 1:
         raise ConfigError(f"data.images_per_class must be >= 1 (got {cfg.images_per_class})")
-    splits = {split: _class_names(getattr(cfg, f"{split}_classes"), split) for split in SPLITS}
-    _check_disjoint(splits)
+    check_split_config(cfg)
+    splits = choose_split(cfg, CLASSES, TORCHMETA_SPLIT, normalize=_padded)  # before any file is read
     data = _composed(cfg)
     k = cfg.images_per_class
     train = [CLASSES.index(name) for name in splits["train"]]
@@ -105,10 +109,11 @@ def _composed(cfg: Config) -> dict:
     k, size = cfg.images_per_class, cfg.image_size
     # Downloads missing MNIST files; memory-mapped, so cheap when the DoubleMNIST cache is current.
     digits = mnist.digits(cfg)
-    meta = {"version": _CACHE_VERSION, "image_size": size, "images_per_class": k, "seed": cfg.seed,
+    meta = {"version": _CACHE_VERSION, "image_size": size, "images_per_class": k, "seed": cfg.generation_seed,
             "sources": file_signature(*mnist.sources(cfg))}
-    name = f"doublemnist-{size}px-{k}per-class-seed{cfg.seed}-v{_CACHE_VERSION}.pt"
-    path = dataset_dir(cfg, mnist.FOLDER) / "cache" / name
+    name = f"doublemnist-{size}px-{k}per-class-seed{cfg.generation_seed}-v{_CACHE_VERSION}.pt"
+    dirs = data_dirs(cfg, mnist.FOLDER)
+    path = dirs.cache(name)
 
     def build() -> dict:
         images, labels = digits["images"], digits["labels"]
@@ -116,7 +121,7 @@ def _composed(cfg: Config) -> dict:
         absent = [d for d in range(10) if len(of_digit[d]) == 0]
         if absent:
             raise DataError(
-                f"the MNIST files in {dataset_dir(cfg, mnist.FOLDER)} hold no image of digit(s) "
+                f"the MNIST files in {mnist.sources(cfg)[0].parent} hold no image of digit(s) "
                 f"{', '.join(map(str, absent))}; they are incomplete: delete them and run again to download them afresh"
             )
         out = torch.empty(100 * k, 1, size, size, dtype=torch.uint8)
@@ -124,7 +129,7 @@ def _composed(cfg: Config) -> dict:
         for c, name in enumerate(CLASSES):
             a, b = int(name[0]), int(name[1])
             # Seeded per class, so a class's images do not depend on the split or on the other classes.
-            rng = np.random.default_rng([cfg.seed, a, b])
+            rng = np.random.default_rng([cfg.generation_seed, a, b])
             left = rng.choice(of_digit[a], size=k, replace=k > len(of_digit[a]))
             right = rng.choice(of_digit[b], size=k, replace=k > len(of_digit[b]))
             out[c * k : (c + 1) * k] = compose(images[torch.from_numpy(left)], images[torch.from_numpy(right)], size)
@@ -133,28 +138,10 @@ def _composed(cfg: Config) -> dict:
             stds.append(std)
         return {"images": out, "class_mean": torch.stack(means), "class_std": torch.stack(stds)}
 
-    return cached(path, meta, build, "DoubleMNIST")
+    return cached(path, meta, build, "DoubleMNIST", dirs)
 
 
-def _class_names(classes: list, split: str) -> list[str]:
+
+def _padded(entry: str) -> str:
     """Two-digit class names; YAML and the command line may turn "07" into 7, so numbers are padded back."""
-    names = []
-    for c in classes:
-        name = str(c).strip()
-        name = name.zfill(2) if name.isdigit() else name
-        if name not in CLASSES:
-            raise ConfigError(f"data.{split}_classes has {c!r}, which is not a class; classes are two digits, \"00\" to \"99\"")
-        names.append(name)
-    if not names:
-        raise ConfigError(f"data.{split}_classes is empty; list at least one class (\"00\"..\"99\") for each of train, val and test")
-    return names
-
-
-def _check_disjoint(splits: dict[str, list[str]]) -> None:
-    seen: dict[str, str] = {}
-    for split, names in splits.items():
-        for name in names:
-            if name in seen:
-                where = "twice" if seen[name] == split else f"in both data.{seen[name]}_classes and data.{split}_classes"
-                raise ConfigError(f"class {name} is listed {where}; give each class to one split, once")
-            seen[name] = split
+    return entry.zfill(2) if entry.isdigit() else entry

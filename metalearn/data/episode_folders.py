@@ -31,16 +31,15 @@ from __future__ import annotations
 
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 
 from metalearn.data.episodes import TaskBatch, Transform
 from metalearn.data.imagefolder import IMAGE_EXTENSIONS, decode
+from metalearn.data.images import decode_many
 from metalearn.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -277,12 +276,5 @@ def _find_episodes(folder: Path) -> list[tuple[str, dict[str, dict[str, list[Pat
 
 
 def _decode_all(paths: list[Path], size: int, channels: int, invert: bool) -> list[torch.Tensor]:
-    """Each file as uint8 [C, H, W], decoded by imagefolder's decoder on a few threads, in order."""
-    def one(path: Path) -> torch.Tensor:
-        return torch.from_numpy(np.array(decode(path, size, channels, invert))).permute(2, 0, 1).contiguous()
-
-    pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
-    try:
-        return list(pool.map(one, paths))
-    finally:
-        pool.shutdown(cancel_futures=True)  # Ctrl-C or a bad file: do not wait for the rest
+    """Each file as uint8 [C, H, W], decoded by imagefolder's decoder on threads, in order."""
+    return list(decode_many(lambda path: decode(path, size, channels, invert), paths))

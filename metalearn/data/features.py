@@ -18,6 +18,9 @@ backbone for vectors: ``backbone=identity`` (the features as they are; LEO's set
   checkpoint was trained on, with that run's options (its split, image size, normalisation).
 * ``data.root``: the data root of the source and of the cache (``<root>/features/``); null:
   the data root the run used (else ``$METALEARN_DATA`` or ``~/.cache/metalearn``).
+* ``data.cache_dir``: where the cache is written (``<cache_dir>/features/``), and the source's
+  own cache dir; null: the source's (the run's), else the data root. A current cache under
+  ``<root>/features/`` is read first. The split is the source's (its ``data.train``/... keys).
 
 The images go through the run's own evaluation input transform (scaling and
 normalisation, no augmentation). BatchNorm: metalearn's backbones normalise with the
@@ -28,7 +31,7 @@ of a large, class-mixed sample of the split, close to population statistics (wha
 network with running averages uses at test time), and the same on every machine.
 
 The cache file (``<root>/features/<source>-<key>.pt``, written atomically) records the
-checkpoint file (name, size, mtime, step), the source's options (root aside) and the
+checkpoint file (name, size, mtime, step), the source's options (root and cache_dir aside) and the
 files it reads (its archives, or every file of a folder it reads); when any changes, the
 features are computed again. Feature extraction runs on ``data.device`` (auto: a GPU if
 there is one); devices may differ in the last float bits.
@@ -48,7 +51,7 @@ from typing import Any, Optional
 
 import torch
 
-from metalearn.data.common import cached, file_signature
+from metalearn.data.common import DataDirs, cached, file_signature
 from metalearn.data.episodes import ClassStore
 from metalearn.errors import CheckpointError, ConfigError
 
@@ -65,6 +68,7 @@ class Config:
     checkpoint: str = "best"  # best | last: which checkpoint of a run directory
     source: Optional[str] = None  # the dataset to embed (a data= option); null: the one the run was trained on
     root: Optional[str] = None  # data root of the source and of the cache; null: the one the run used
+    cache_dir: Optional[str] = None  # where the cache (and the source's caches) are written; null: the run's, else the root
     batch_size: int = 256  # images embedded together (their BatchNorm statistics are shared)
     device: str = "auto"  # where the backbone runs during extraction: auto | cpu | cuda | cuda:N | mps
 
@@ -75,7 +79,8 @@ def load(cfg: Config) -> dict[str, ClassStore]:
     cache = _cache_file(cfg, path, source)
     meta = {"format": FORMAT, "checkpoint": file_signature(path), "checkpoint_step": int(ckpt["step"]),
             "source": _options(source), "files": _source_signature(source)}
-    data = cached(cache, meta, lambda: _extract(cfg, ckpt, trained, source), f"{source.name} features")
+    data = cached(cache, meta, lambda: _extract(cfg, ckpt, trained, source), f"{source.name} features",
+                  _dirs(cfg, source))
     return {split: ClassStore(part["features"], part["labels"], list(part["classes"]))
             for split, part in data["splits"].items()}
 
@@ -96,7 +101,7 @@ def cache_dir(cfg: Config) -> Path | None:
     if cfg.run is None:
         return None
     _, _, trained = _checkpoint(cfg)
-    return _root(cfg, _source_config(cfg, trained)) / "features"
+    return _dirs(cfg, _source_config(cfg, trained)).out
 
 
 # ---------------------------------------------------------------- pieces
@@ -145,6 +150,8 @@ def _source_config(cfg: Config, trained: Any) -> Any:
     root = cfg.root if cfg.root is not None else getattr(trained.data, "root", None)  # else: the run's own root
     if root is not None and hasattr(source, "root"):
         source = dataclasses.replace(source, root=root)
+    if cfg.cache_dir is not None and hasattr(source, "cache_dir"):
+        source = dataclasses.replace(source, cache_dir=cfg.cache_dir)
     return source
 
 
@@ -159,17 +166,25 @@ def _root(cfg: Config, source: Any) -> Path:
     return Path(root).expanduser()
 
 
+def _dirs(cfg: Config, source: Any) -> DataDirs:
+    """``<root>/features`` (read first) and ``<cache_dir>/features`` (written; the root's when null)."""
+    root = _root(cfg, source)
+    cache_dir = cfg.cache_dir or getattr(source, "cache_dir", None)
+    return DataDirs(root / "features", (Path(cache_dir).expanduser() if cache_dir else root) / "features")
+
+
 def _options(source: Any) -> str:
-    """The source's options as canonical JSON, without its root (moving the data changes nothing)."""
+    """The source's options as canonical JSON, without its root and cache dir (moving the data changes nothing)."""
     options = dataclasses.asdict(source)
     options.pop("root", None)
+    options.pop("cache_dir", None)
     return json.dumps(options, sort_keys=True, default=str)
 
 
 def _cache_file(cfg: Config, path: Path, source: Any) -> Path:
     """One cache file per (checkpoint, source options): a changed checkpoint or dataset rebuilds it in place."""
     key = hashlib.sha1(f"{path}\n{_options(source)}\n{cfg.batch_size}".encode()).hexdigest()[:16]
-    return _root(cfg, source) / "features" / f"{source.name}-{key}.pt"
+    return _dirs(cfg, source).out / f"{source.name}-{key}.pt"
 
 
 def _source_signature(source: Any) -> list:

@@ -3,52 +3,88 @@
 Each class is a few random pen strokes (smooth polylines); each sample redraws
 the strokes with per-point jitter, a small random affine transform and a
 random pen width, rasterised to a uint8 image with ink = 255. The whole
-dataset is a pure function of ``seed`` and the sizes, so every machine builds
-the same images in well under a second: the quickstart and the test workhorse.
+dataset is a pure function of ``generation_seed`` and the sizes, so every
+machine builds the same images in well under a second: the quickstart and the
+test workhorse.
+
+Size and standard split: ``split_sizes`` = [train, val, test] class counts. The
+dataset holds their sum of classes, named ``glyph00000``, ``glyph00001``, ...;
+the standard split gives the first ``split_sizes[0]`` to train, the next
+``split_sizes[1]`` to val and the rest to test. The classes are drawn block by
+block in that order from one generator seeded with ``generation_seed``, so a
+class's images depend on ``split_sizes`` (and on nothing else of the split):
+``data.train``/``val``/``test`` (names or patterns such as ``glyph000[0-4]*``)
+or ``data.split_seed`` choose other splits of the same images.
+
+``generation_seed`` is what draws the glyphs, not a split seed and not the
+run's ``seed``: changing it gives another dataset; ``split_seed`` deals the
+same classes differently.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from metalearn.data.common import SplitConfig, check_split_config, choose_split, class_subset, split_indices
 from metalearn.data.episodes import ClassStore
 from metalearn.errors import ConfigError
 
 
 @dataclass
-class Config:
+class Config(SplitConfig):
     name: str = "glyphs"
-    train_classes: int = 300
-    val_classes: int = 100
-    test_classes: int = 100
+    # [train, val, test] classes of the standard split; the dataset has their sum, glyph00000.. in this order
+    split_sizes: list[int] = field(default_factory=lambda: [300, 100, 100])
     samples_per_class: int = 20
     image_size: int = 28
     strokes: int = 3  # strokes per class (1..strokes, drawn uniformly)
     points: int = 4  # control points per stroke
     jitter: float = 0.1  # per-point noise, as a fraction of the image
-    seed: int = 0  # the dataset's own seed: independent of the run's seed
+    generation_seed: int = 0  # draws the glyphs (another seed: another dataset); not the run's seed, not a split seed
 
 
 def load(cfg: Config) -> dict[str, ClassStore]:
-    sizes = {"train": cfg.train_classes, "val": cfg.val_classes, "test": cfg.test_classes}
-    for key, value in [*sizes.items(), ("samples_per_class", cfg.samples_per_class), ("strokes", cfg.strokes)]:
+    sizes = list(cfg.split_sizes)
+    if len(sizes) != 3 or min(sizes) < 1:
+        raise ConfigError(f"data.split_sizes must be three class counts >= 1, for train, val and test (got {sizes})")
+    for key, value in [("samples_per_class", cfg.samples_per_class), ("strokes", cfg.strokes)]:
         if value < 1:
-            raise ConfigError(f"data.{key if key in ('samples_per_class', 'strokes') else key + '_classes'} must be >= 1 (got {value})")
+            raise ConfigError(f"data.{key} must be >= 1 (got {value})")
     if cfg.image_size < 8 or cfg.points < 2:
         raise ConfigError("glyphs needs data.image_size >= 8 and data.points >= 2")
-    g = torch.Generator().manual_seed(cfg.seed)
-    stores, first = {}, 0
-    for split, n in sizes.items():
+    check_split_config(cfg)
+    images, labels = generate(cfg)
+    names = class_names(sum(sizes))
+    chosen = choose_split(cfg, names, standard_split(sizes))
+    return {split: class_subset(images, labels, names, classes, None, None)
+            for split, classes in split_indices(names, chosen).items()}
+
+
+def class_names(n: int) -> list[str]:
+    return [f"glyph{i:05d}" for i in range(n)]
+
+
+def standard_split(sizes: list[int]) -> dict[str, list[str]]:
+    """The first sizes[0] classes train, the next sizes[1] val, the last sizes[2] test."""
+    names = class_names(sum(sizes))
+    return {"train": names[: sizes[0]], "val": names[sizes[0] : sizes[0] + sizes[1]], "test": names[sizes[0] + sizes[1] :]}
+
+
+def generate(cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every class's images, uint8 [sum(split_sizes) * samples_per_class, 1, S, S] by class, and their labels.
+
+    Drawn one block of the standard split at a time, in the order of train, val, test, from one
+    generator: the images of the default 300/100/100 are those glyphs has always drawn."""
+    g = torch.Generator().manual_seed(cfg.generation_seed)
+    blocks = []
+    for n in cfg.split_sizes:
         shapes = _class_shapes(n, cfg.strokes, cfg.points, g)
-        images = _render_samples(shapes, cfg.samples_per_class, cfg.image_size, cfg.jitter, g)
-        labels = torch.arange(n).repeat_interleave(cfg.samples_per_class)
-        names = [f"glyph{first + i:05d}" for i in range(n)]
-        stores[split] = ClassStore(images, labels, names)
-        first += n
-    return stores
+        blocks.append(_render_samples(shapes, cfg.samples_per_class, cfg.image_size, cfg.jitter, g))
+    labels = torch.arange(sum(cfg.split_sizes)).repeat_interleave(cfg.samples_per_class)
+    return torch.cat(blocks), labels
 
 
 def sources(cfg: Config) -> list:

@@ -7,18 +7,20 @@ in a flat one. Images are the files ending in .png, .jpg, .jpeg, .bmp, .gif or .
 (any case; a GIF's first frame). Names starting with "." or "__" (hidden files,
 ``__MACOSX``) are skipped; image files in folders that also have subfolders are ignored.
 
-The split is either three lists, ``train``, ``val`` and ``test``, whose entries are
-folders relative to ``path`` or glob patterns (``*``, ``?``, ``[..]``, matched one folder
-level at a time), each taking every class at or below the folders it names (``Greek``:
-all of Greek's characters; ``Greek/character0*``; ``*/character01``), or, when those lists
-are empty, ``ratios`` of the classes, dealt at random by ``split_seed``.
+The split (``metalearn.data.common.choose_split``, as for every dataset) is either three
+lists, ``train``, ``val`` and ``test``, whose entries are folders relative to ``path`` or
+glob patterns (``*``, ``?``, ``[..]``, matched one folder level at a time), each taking
+every class at or below the folders it names (``Greek``: all of Greek's characters;
+``Greek/character0*``; ``*/character01``), or, when those lists are empty (there is no
+standard split), ``ratios`` of the classes, dealt at random by ``split_seed`` (null: 0).
 
 Each image is decoded once with Pillow, converted to greyscale (``channels: 1``) or RGB
 (``channels: 3``), resized to ``image_size`` x ``image_size`` (BILINEAR, which averages
 on downsampling; the aspect ratio is not kept) and, with ``invert``, flipped to 255 - x
 (for dark ink on white, such as Omniglot, so that ink is 255 as in metalearn's other
 character datasets). The result is cached as uint8 tensors in
-``<root>/imagefolder/cache/``, one file per folder, image size, channels and invert
+``<root>/imagefolder/cache/`` (``<cache_dir>/imagefolder/cache/`` with ``data.cache_dir``
+set; nothing is ever written inside ``path``), one file per folder, image size, channels and invert
 setting, rebuilt when any image file's name, size or mtime changes. The cache also keeps
 each class's channel mean and std, from which the training split's are pooled.
 """
@@ -28,18 +30,17 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
-from pathlib import Path, PurePosixPath
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from metalearn.data import SPLITS
-from metalearn.data.common import ImageConfig, cached, check_image_config, dataset_dir
+from metalearn.data.common import (
+    ImageConfig, cached, check_image_config, check_split_config, choose_split, data_dirs, split_indices,
+)
 from metalearn.data.episodes import ClassStore
+from metalearn.data.images import PIL_BILINEAR, decode_array, decode_into
 from metalearn.data.transforms import channel_stats
 from metalearn.errors import ConfigError, DataError
 
@@ -58,12 +59,8 @@ class Config(ImageConfig):
     path: str = ""  # the folder whose leaf subfolders are the classes; made absolute when the config is built
     channels: int = 3  # 1: greyscale, 3: RGB
     invert: bool = False  # 255 - x after decoding: for dark ink on a white background (e.g. Omniglot)
-    # The split: folders or glob patterns, relative to path; each takes every class at or below them.
-    train: list[str] = field(default_factory=list)
-    val: list[str] = field(default_factory=list)
-    test: list[str] = field(default_factory=list)
-    ratios: list[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])  # used when train, val and test are empty
-    split_seed: int = 0  # deals the classes for ratios
+    # The split (SplitConfig): train/val/test are folders or glob patterns relative to path, each taking every
+    # class at or below them; all empty: the classes dealt at random by split_seed (null: 0) in ratios.
 
     def __post_init__(self):
         # Resolved once, as the config is built: relative to where metalearn was started (not
@@ -77,7 +74,7 @@ def load(cfg: Config) -> dict[str, ClassStore]:
     folder = _check_config(cfg)
     data = _decoded(cfg, folder)
     names = list(data["class_names"])
-    chosen = _split_classes(names, cfg, folder)
+    chosen = split_indices(names, choose_split(cfg, names, None, where=f"under {folder}"))
     counts = torch.bincount(data["labels"], minlength=len(names))
     offsets = torch.cumsum(counts, 0) - counts
     mean, std = pooled_stats(data["class_mean"], data["class_std"], counts, chosen["train"])
@@ -99,8 +96,8 @@ def sources(cfg: Config) -> list[Path]:
 
 
 def cache_dir(cfg: Config) -> Path:
-    """Where the decoded images are cached: under the data root, never inside the user's tree."""
-    return dataset_dir(cfg) / "cache"
+    """Where the decoded images are cached: under the cache dir (or the data root), never inside the user's tree."""
+    return data_dirs(cfg).out / "cache"
 
 
 class FolderClassStore(ClassStore):
@@ -197,16 +194,18 @@ def find_classes(folder: Path) -> dict[str, list[Path]]:
     return dict(sorted(classes.items()))
 
 
-def decode(path: Path, size: int, channels: int, invert: bool) -> np.ndarray:
-    """One image file as uint8 [size, size, channels]."""
-    try:
-        with Image.open(path) as image:
-            converted = image.convert("L" if channels == 1 else "RGB").resize((size, size), Image.Resampling.BILINEAR)
-            pixels = np.asarray(converted, dtype=np.uint8).reshape(size, size, channels)
-    except Exception as e:  # Pillow reports broken files with many exception types
+def decode(path: Path, size: int, channels: int, invert: bool) -> torch.Tensor:
+    """One image file as uint8 [channels, size, size]: greyscale or RGB, BILINEAR-resized, optionally 255 - x."""
+    return torch.from_numpy(_decode_array(path, size, channels, invert))
+
+
+def _decode_array(path: Path, size: int, channels: int, invert: bool, out: np.ndarray | None = None) -> np.ndarray:
+    def error(e: Exception) -> str:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"cannot read image {path} ({reason}); replace or delete that file") from None
-    return 255 - pixels if invert else pixels
+        return f"cannot read image {path} ({reason}); replace or delete that file"
+
+    return decode_array(path, mode="L" if channels == 1 else "RGB", size=size, resample=PIL_BILINEAR, invert=invert,
+                        error=error, out=out)
 
 
 def _absolute(path: str) -> str:
@@ -222,25 +221,7 @@ def _check_config(cfg: Config) -> Path:
         raise ConfigError("data.path is not set; give the folder whose (nested) subfolders are the classes, e.g. data.path=~/data/my_classes")
     if cfg.channels not in (1, 3):
         raise ConfigError(f"data.channels must be 1 (greyscale) or 3 (RGB) (got {cfg.channels})")
-    lists = {split: list(getattr(cfg, split)) for split in SPLITS}
-    given = [split for split, entries in lists.items() if entries]
-    if given and len(given) < 3:
-        missing = [split for split in SPLITS if split not in given]
-        raise ConfigError(
-            f"data.{' and data.'.join(given)} given but data.{' and data.'.join(missing)} empty; "
-            "list folders or patterns for all of train, val and test, or none of them to split by data.ratios"
-        )
-    if not given:
-        ratios = list(cfg.ratios)
-        if len(ratios) != 3 or not all(0 < r < float("inf") for r in ratios):
-            raise ConfigError(f"data.ratios must be three positive numbers, for train, val and test (got {ratios})")
-    for split, entries in lists.items():
-        for entry in entries:
-            relative = PurePosixPath(entry)
-            if not entry.strip() or relative.is_absolute() or ".." in relative.parts:
-                raise ConfigError(
-                    f"data.{split} entry {entry!r} is not a folder or pattern inside data.path; give paths relative to it, like Greek or Greek/*"
-                )
+    check_split_config(cfg)
     folder = Path(_absolute(cfg.path))
     if not folder.is_dir():
         raise DataError(
@@ -258,8 +239,10 @@ def _decoded(cfg: Config, folder: Path) -> dict:
             "channels": cfg.channels, "invert": cfg.invert, "files": files}
     key = hashlib.sha1(str(folder).encode()).hexdigest()[:12]
     settings = f"{cfg.image_size}px-{cfg.channels}ch{'-inverted' if cfg.invert else ''}"
-    path = cache_dir(cfg) / f"{folder.name or 'root'}-{key}-{settings}-v{_CACHE_VERSION}.pt"
-    return cached(path, meta, lambda: _decode_classes(classes, cfg.image_size, cfg.channels, cfg.invert), f"imagefolder ({folder})")
+    dirs = data_dirs(cfg)
+    path = dirs.cache(f"{folder.name or 'root'}-{key}-{settings}-v{_CACHE_VERSION}.pt")
+    return cached(path, meta, lambda: _decode_classes(classes, cfg.image_size, cfg.channels, cfg.invert),
+                  f"imagefolder ({folder})", dirs)
 
 
 def _size_and_mtime(path: Path) -> list[int]:
@@ -271,17 +254,10 @@ def _size_and_mtime(path: Path) -> list[int]:
 
 
 def _decode_classes(classes: dict[str, list[Path]], size: int, channels: int, invert: bool) -> dict:
-    def decode_class(paths: list[Path]) -> np.ndarray:
-        return np.stack([decode(p, size, channels, invert) for p in paths])
-
-    # Threads overlap the file reads, and Pillow's decoders release the GIL for part of the work.
-    pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
-    try:
-        arrays = list(pool.map(decode_class, classes.values()))
-    finally:
-        pool.shutdown(cancel_futures=True)  # Ctrl-C or a bad file: do not wait for the queued classes
-    images = torch.from_numpy(np.concatenate(arrays)).permute(0, 3, 1, 2).contiguous()
-    counts = torch.tensor([len(a) for a in arrays])
+    paths = [p for files in classes.values() for p in files]
+    images = torch.empty(len(paths), channels, size, size, dtype=torch.uint8)
+    decode_into(images, lambda p, row: _decode_array(p, size, channels, invert, row), paths)
+    counts = torch.tensor([len(files) for files in classes.values()])
     stats = [class_stats(chunk) for chunk in images.split(counts.tolist())]
     return {
         "images": images,
@@ -291,47 +267,3 @@ def _decode_classes(classes: dict[str, list[Path]], size: int, channels: int, in
         "class_std": torch.stack([std for _, std in stats]),
     }
 
-
-def _split_classes(names: list[str], cfg: Config, folder: Path) -> dict[str, list[int]]:
-    """The class indices of each split, each in name order."""
-    lists = {split: list(getattr(cfg, split)) for split in SPLITS}
-    if any(lists.values()):
-        chosen = {split: _matching(names, entries, split, folder) for split, entries in lists.items()}
-        owner: dict[int, str] = {}
-        for split, classes in chosen.items():
-            both = [c for c in classes if c in owner]
-            if both:
-                raise ConfigError(
-                    f"{len(both)} class(es) are matched by both data.{owner[both[0]]} and data.{split} "
-                    f"(e.g. {names[both[0]]}); give each class to one split only"
-                )
-            owner.update((c, split) for c in classes)
-        return chosen
-    ratios = np.asarray(cfg.ratios, dtype=np.float64)
-    order = np.random.default_rng(cfg.split_seed).permutation(len(names))
-    bounds = np.round(np.cumsum(ratios) / ratios.sum() * len(names)).astype(int)
-    parts = np.split(order, bounds[:2])
-    chosen = {split: sorted(part.tolist()) for split, part in zip(SPLITS, parts)}
-    for split, classes in chosen.items():
-        if not classes:
-            raise DataError(
-                f"data.ratios={list(cfg.ratios)} leaves the {split} split no class of the {len(names)} under {folder}; "
-                "add classes or change the ratios"
-            )
-    return chosen
-
-
-def _matching(names: list[str], entries: list[str], split: str, folder: Path) -> list[int]:
-    """Indices of the classes at or below any of ``entries`` (folders or per-level glob patterns)."""
-    parts = [name.split("/") for name in names]
-    chosen: set[int] = set()
-    for entry in entries:
-        pattern = PurePosixPath(entry.strip()).parts
-        matched = {i for i, p in enumerate(parts)
-                   if len(p) >= len(pattern) and all(fnmatchcase(a, b) for a, b in zip(p, pattern))}
-        if not matched:
-            top = sorted({p[0] for p in parts})
-            shown = ", ".join(top[:20]) + (f" and {len(top) - 20} more" if len(top) > 20 else "")
-            raise DataError(f"data.{split} entry {entry!r} matches no class folder under {folder}; its folders are: {shown}")
-        chosen |= matched
-    return sorted(chosen)

@@ -16,7 +16,11 @@ two forms people hold (``data.form`` picks one; ``auto`` takes the first that is
 The first load of each split decodes it once into ``<root>/miniimagenet/cache/`` (uint8,
 channels first, sorted by class, resized to ``data.image_size`` if that is not the files'
 size); later loads memory-map that file and are rebuilt when the source files change.
-Classes are named by their WordNet id (``n01532829``).
+With ``data.cache_dir`` set, the caches go to ``<cache_dir>/miniimagenet/cache/`` instead
+(a current cache under the root is read first); the files are only read.
+Classes are named by their WordNet id (``n01532829``). The standard split is the files'
+own; ``data.train``/``val``/``test`` (wnids or patterns) or ``data.split_seed`` choose
+others from all 100 classes (``metalearn.data.common.choose_split``), copied into memory.
 
 Pickles can run code when loaded, so they are read with an unpickler that builds only
 numpy arrays and plain containers (see ``read_pickle``); anything else is refused.
@@ -26,19 +30,20 @@ from __future__ import annotations
 
 import csv
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image
 
 from metalearn.data import SPLITS
-from metalearn.data.common import ImageConfig, cached, check_image_config, dataset_dir, file_signature, read_pickle, text
+from metalearn.data.common import (
+    DataDirs, ImageConfig, cached, check_image_config, check_split_config, choose_split, data_dirs, dataset_dir,
+    file_signature, read_pickle, regroup, text,
+)
 from metalearn.data.episodes import ClassStore
-from metalearn.data.transforms import resize
+from metalearn.data.images import TORCH_BILINEAR, decode_array, decode_into, resize
 from metalearn.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -69,13 +74,15 @@ class Config(ImageConfig):
 
 def load(cfg: Config) -> dict[str, ClassStore]:
     _check_config(cfg)
-    folder = dataset_dir(cfg)
-    form, files = _choose_form(folder, cfg.form)
+    dirs = data_dirs(cfg)
+    form, files = _choose_form(dirs.root, cfg.form)
     stores = {}
     for split in SPLITS:
-        data = _split_cache(folder, split, form, files, cfg.image_size)
+        data = _split_cache(dirs, split, form, files, cfg.image_size)
         stores[split] = ClassStore(data["images"], data["labels"], data["class_names"], mean=MEAN, std=STD)
-    return stores
+    standard = {split: list(store.class_names) for split, store in stores.items()}
+    chosen = choose_split(cfg, sorted({name for names in standard.values() for name in names}), standard)
+    return stores if chosen == standard else regroup(stores, chosen, MEAN, STD)
 
 
 def sources(cfg: Config) -> list[Path]:
@@ -97,6 +104,7 @@ def _sorted_by_class(class_rows: dict[str, np.ndarray]) -> tuple[list[str], np.n
 
 def _check_config(cfg: Config) -> None:
     check_image_config(cfg)
+    check_split_config(cfg)
     if cfg.form not in FORMS:
         raise ConfigError(f"unknown data.form={cfg.form!r}; use one of: {', '.join(FORMS)}")
 
@@ -136,7 +144,7 @@ def _choose_form(folder: Path, form: str) -> tuple[str, dict[str, Path]]:
     )
 
 
-def _split_cache(folder: Path, split: str, form: str, files: dict[str, Path], size: int) -> dict:
+def _split_cache(dirs: DataDirs, split: str, form: str, files: dict[str, Path], size: int) -> dict:
     if form == "pickle":
         split_files = [files[split]]
         build: Callable[[], dict] = lambda: _from_pickle(files[split], size)
@@ -152,8 +160,8 @@ def _split_cache(folder: Path, split: str, form: str, files: dict[str, Path], si
         "sources": file_signature(*split_files),
     }
     # The form is in the name: switching data.form must not overwrite (and later rebuild) the other's cache.
-    path = folder / "cache" / f"{split}-{form}-{size}px-v{_CACHE_VERSION}.pt"
-    return cached(path, meta, build, f"miniImageNet {split}")
+    path = dirs.cache(f"{split}-{form}-{size}px-v{_CACHE_VERSION}.pt")
+    return cached(path, meta, build, f"miniImageNet {split}", dirs)
 
 
 def _from_pickle(path: Path, size: int) -> dict:
@@ -227,28 +235,16 @@ def _from_images(csv_path: Path, image_dir: Path, size: int) -> dict:
         class_rows.setdefault(wnid, []).append(i)
     names, order, labels = _sorted_by_class({k: np.asarray(v) for k, v in class_rows.items()})
     paths = [image_dir / rows[i][0] for i in order]
-    # Threads overlap the file reads; JPEG decoding releases the GIL in Pillow.
-    pool = ThreadPoolExecutor()
-    try:
-        images = list(pool.map(lambda p: _read_image(p, size, csv_path), paths))
-    finally:
-        pool.shutdown(cancel_futures=True)  # Ctrl-C must not wait for every queued image
-    return {"images": torch.stack(images), "labels": labels, "class_names": names}
+    images = decode_into(torch.empty(len(paths), 3, size, size, dtype=torch.uint8),
+                         lambda p, row: _read_image(p, size, csv_path, row), paths)
+    return {"images": images, "labels": labels, "class_names": names}
 
 
-def _read_image(path: Path, size: int, listed_in: Path) -> torch.Tensor:
-    try:
-        return rgb_image(path, size)
-    except FileNotFoundError:
-        raise DataError(
-            f"{path.name}, listed in {listed_in.name}, is missing from {path.parent}; put the complete images/ folder there"
-        ) from None
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot read {path} ({e}); the image is damaged: replace it") from None
+def _read_image(path: Path, size: int, listed_in: Path, out: np.ndarray | None = None) -> np.ndarray:
+    """One image file as uint8 [3, size, size] RGB: decoded whole, then resized (TORCH_BILINEAR) if need be."""
+    def error(e: Exception) -> str:
+        if isinstance(e, FileNotFoundError):
+            return f"{path.name}, listed in {listed_in.name}, is missing from {path.parent}; put the complete images/ folder there"
+        return f"cannot read {path} ({e}); the image is damaged: replace it"
 
-
-def rgb_image(source: Path | BinaryIO, size: int) -> torch.Tensor:
-    """An encoded image (a file, or a stream of its bytes) as uint8 [3, size, size] RGB, resized if need be."""
-    with Image.open(source) as image:
-        array = np.array(image.convert("RGB"))  # a writable copy, as torch.from_numpy wants
-    return resize(torch.from_numpy(array).permute(2, 0, 1)[None], size)[0]
+    return decode_array(path, mode="RGB", size=size, resample=TORCH_BILINEAR, error=error, out=out)

@@ -9,9 +9,12 @@ then one big-endian uint32 per dimension, then uint8 data) and cached as uint8
 tensors in ``<root>/mnist/cache/mnist-v<N>.pt``, rebuilt when the files change.
 
 Few-shot splits are by class, so a class uses all its images, from the training and
-the test file alike (about 7000 per digit). The default split is digits 0-5 for
-training, 6-7 for validation and 8-9 for testing: with 2 classes in val and test,
-episodes are at most 2-way (``ways=2``). MNIST's ink is already 255 on 0.
+the test file alike (about 7000 per digit). Classes are named "0" .. "9". The standard
+split is digits 0-5 for training, 6-7 for validation and 8-9 for testing: with 2
+classes in val and test, episodes are at most 2-way (``ways=2``); ``data.train``/``val``/``test``
+(e.g. ``[0,1,2,3]``, ``[4,5,6]``, ``[7,8,9]``) or ``data.split_seed`` give others
+(``metalearn.data.common.choose_split``). With ``data.cache_dir`` set, downloads and the
+cache go to ``<cache_dir>/mnist/``. MNIST's ink is already 255 on 0.
 
 ``doublemnist`` builds on the same files; ``digits`` below is what it reads.
 """
@@ -29,11 +32,13 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from metalearn.data import SPLITS
-from metalearn.data.common import ImageConfig, cached, check_image_config, class_subset, dataset_dir, file_signature
+from metalearn.data.common import (
+    ImageConfig, cached, check_image_config, check_split_config, choose_split, class_subset, data_dirs, file_signature,
+    split_indices,
+)
 from metalearn.data.download import check_md5, download
 from metalearn.data.episodes import ClassStore
-from metalearn.data.transforms import resize
+from metalearn.data.images import resize
 from metalearn.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -62,6 +67,8 @@ NATIVE_SIZE = 28
 _IDX_UBYTE = 0x08
 # Bump when the cache's content or preprocessing changes, so old caches are rebuilt.
 _CACHE_VERSION = 1
+CLASSES = [str(d) for d in range(10)]
+STANDARD_SPLIT = {"train": ["0", "1", "2", "3", "4", "5"], "val": ["6", "7"], "test": ["8", "9"]}
 
 
 @dataclass
@@ -71,15 +78,13 @@ class Config(ImageConfig):
     base_url: str = OFFICIAL_URL  # the folder holding the four .gz files; a mirror may be given
     # md5 of each file, checked after download and before the first decoding; "" skips a file's check.
     md5: dict[str, str] = field(default_factory=lambda: dict(OFFICIAL_MD5))
-    train_classes: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4, 5])
-    val_classes: list[int] = field(default_factory=lambda: [6, 7])
-    test_classes: list[int] = field(default_factory=lambda: [8, 9])
 
 
 class MnistSource(Protocol):
     """The options ``digits`` reads; every MNIST-based dataset's Config has them."""
 
     root: str
+    cache_dir: str | None
     download: bool
     base_url: str
     md5: dict[str, str]
@@ -87,19 +92,19 @@ class MnistSource(Protocol):
 
 def load(cfg: Config) -> dict[str, ClassStore]:
     check_image_config(cfg)
-    splits = {split: list(getattr(cfg, f"{split}_classes")) for split in SPLITS}
-    _check_split(splits)
+    check_split_config(cfg)
+    splits = split_indices(CLASSES, choose_split(cfg, CLASSES, STANDARD_SPLIT, what="digit"))  # before any file is read
     data = digits(cfg)
     images = data["images"]
     if cfg.image_size != images.shape[-1] or cfg.image_size != images.shape[-2]:
         images = torch.cat([resize(chunk, cfg.image_size) for chunk in images.split(4096)])
-    return {split: class_subset(images, data["labels"], [str(d) for d in range(10)], classes, MEAN, STD) for split, classes in splits.items()}
+    return {split: class_subset(images, data["labels"], CLASSES, classes, MEAN, STD) for split, classes in splits.items()}
 
 
 def sources(cfg: MnistSource) -> list[Path]:
-    """The raw files the loader reads (downloading them when missing)."""
-    folder = dataset_dir(cfg, FOLDER)
-    return [folder / name for name in FILES.values()]
+    """The raw files the loader reads (under the root, else the cache dir, where missing ones are downloaded)."""
+    dirs = data_dirs(cfg, FOLDER)
+    return [dirs.find(name) for name in FILES.values()]
 
 
 def digits(cfg: MnistSource) -> dict:
@@ -111,7 +116,8 @@ def digits(cfg: MnistSource) -> dict:
     _check_md5_keys(cfg.md5)
     paths, downloaded = _ensure_files(cfg)
     meta = {"version": _CACHE_VERSION, "sources": file_signature(*paths.values())}
-    path = dataset_dir(cfg, FOLDER) / "cache" / f"mnist-v{_CACHE_VERSION}.pt"
+    dirs = data_dirs(cfg, FOLDER)
+    path = dirs.cache(f"mnist-v{_CACHE_VERSION}.pt")
 
     def build() -> dict:
         for key, file in paths.items():
@@ -129,7 +135,7 @@ def digits(cfg: MnistSource) -> dict:
         labels = np.concatenate([p[1] for p in parts])
         return {"images": torch.from_numpy(images).unsqueeze(1), "labels": torch.from_numpy(labels.astype(np.int64))}
 
-    return cached(path, meta, build, "MNIST")
+    return cached(path, meta, build, "MNIST", dirs)
 
 
 def read_idx(path: Path, ndim: int) -> np.ndarray:
@@ -188,29 +194,19 @@ def _check_md5_keys(md5: dict[str, str]) -> None:
 
 def _ensure_files(cfg: MnistSource) -> tuple[dict[str, Path], set[str]]:
     """The path of each of the four files, downloading the missing ones; and the keys just downloaded."""
-    folder = dataset_dir(cfg, FOLDER)
-    paths = {key: folder / name for key, name in FILES.items()}
+    dirs = data_dirs(cfg, FOLDER)
+    paths = {key: dirs.find(name) for key, name in FILES.items()}
     missing = [key for key, path in paths.items() if not path.is_file()]
     if missing and not cfg.download:
+        folder = f"{dirs.root} (nor in {dirs.out})" if dirs.separate else str(dirs.root)
         raise DataError(
             f"MNIST file(s) {', '.join(FILES[k] for k in missing)} not found in {folder} and data.download=false; "
-            f"download them from {cfg.base_url.rstrip('/')}/ into that folder, or set data.download=true"
+            f"download them from {cfg.base_url.rstrip('/')}/ into {dirs.root}, or set data.download=true"
         )
+    if missing:
+        dirs.ensure_writable(dirs.out, "the MNIST downloads")
     for key in missing:
         log.info("downloading %s", _url(cfg, key))
         download(_url(cfg, key), paths[key], md5=cfg.md5[key] or None)
     return paths, set(missing)
 
-
-def _check_split(splits: dict[str, list[int]]) -> None:
-    seen: dict[int, str] = {}
-    for split, classes in splits.items():
-        if not classes:
-            raise ConfigError(f"data.{split}_classes is empty; list at least one digit 0-9 for each of train, val and test")
-        for digit in classes:
-            if not 0 <= digit <= 9:
-                raise ConfigError(f"data.{split}_classes has {digit}, which is not a digit; use 0-9")
-            if digit in seen:
-                where = "twice" if seen[digit] == split else f"in both data.{seen[digit]}_classes and data.{split}_classes"
-                raise ConfigError(f"digit {digit} is listed {where}; give each digit to one split, once")
-            seen[digit] = split

@@ -7,34 +7,46 @@ checked, when missing) and their extracted folders
 once (Pillow, converted to greyscale and resized with BILINEAR filtering, which
 on downsampling averages over the source pixels like torchvision's Resize on
 PIL images) and caches the result as uint8 tensors with ink = 255 in
-``<root>/omniglot/cache/``; later loads read only that file.
+``<root>/omniglot/cache/``; later loads read only that file. With
+``data.cache_dir`` set, downloads, extracted folders and the cache go to
+``<cache_dir>/omniglot/`` instead, and ``<root>/omniglot/`` is only read
+(zips and extracted folders are looked for there first).
 
 Classes are characters, named ``<Alphabet>/characterNN``. With ``rotations``
 each character also gives three more classes, its drawings turned by 90, 180
 and 270 degrees (Vinyals et al. 2016), named ``.../rot0`` .. ``.../rot270``.
-Splits: ``vinyals``, the standard 1028/172/423 character split shipped in
-``splits/omniglot_vinyals.csv``; or ``alphabets``, whole alphabets listed per
-split, for any archives (e.g. the small background subsets).
+An alphabet in several archives (Greek in both small subsets) is taken from the
+first of ``data.archives`` that has it.
+
+Split (``metalearn.data.common.choose_split``): ``data.train``/``val``/``test``
+name alphabets or characters, or glob patterns over them (``Greek``,
+``Greek/character0*``, ``*/character01``); all empty: with the two official
+archives, the standard Vinyals split (1028/172/423 characters, shipped in
+``splits/omniglot_vinyals.csv``); with other archives (which have no standard
+split) or ``data.split_seed`` set, whole alphabets dealt at random by
+``split_seed`` in the proportions ``data.ratios``.
 """
 
 from __future__ import annotations
 
 import csv
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
-from PIL import Image
 
 from metalearn.data import SPLITS
+from metalearn.data.common import (
+    DataDirs, SplitConfig, cached, check_split_config, choose_split, data_dirs, uses_standard_split,
+)
 from metalearn.data.download import download, extract_zip
 from metalearn.data.episodes import ClassStore
+from metalearn.data.images import PIL_BILINEAR, decode_array, decode_into
 from metalearn.errors import ConfigError, DataError
-from metalearn.fileio import atomic_torch_save
 
 log = logging.getLogger(__name__)
 
@@ -49,43 +61,43 @@ _CACHE_VERSION = 1
 
 
 @dataclass
-class Config:
+class Config(SplitConfig):
     name: str = "omniglot"
     root: str = "~/.cache/metalearn"  # data root shared by all datasets; files go under <root>/omniglot/
+    cache_dir: Optional[str] = None  # where downloads, extracted archives and the cache go (<cache_dir>/omniglot/); null: the root
     image_size: int = 28
     rotations: bool = True  # 0/90/180/270 rotations of each character as new classes (Vinyals et al.), applied in every split
     download: bool = True  # fetch missing official archives
     base_url: str = "https://github.com/brendenlake/omniglot/raw/master/python"  # a mirror may be given
     archives: list[str] = field(default_factory=lambda: ["images_background", "images_evaluation"])
-    split: str = "vinyals"  # "vinyals" (1028/172/423 characters) or "alphabets"
-    train_alphabets: list[str] = field(default_factory=list)  # used when split == "alphabets"
-    val_alphabets: list[str] = field(default_factory=list)
-    test_alphabets: list[str] = field(default_factory=list)
+    # The split: data.train/val/test (alphabets, characters or patterns), data.split_seed, data.ratios (SplitConfig).
 
 
 def load(cfg: Config) -> dict[str, ClassStore]:
     archives = list(cfg.archives)
-    alphabets = {split: list(getattr(cfg, f"{split}_alphabets")) for split in SPLITS}
-    _check_config(cfg, archives, alphabets)
-    folder = Path(cfg.root).expanduser() / "omniglot"
-    dirs = _ensure_archives(folder, archives, cfg)
-    data = _load_images(folder, archives, dirs, cfg.image_size)
+    _check_config(cfg, archives)
+    dirs = data_dirs(cfg, "omniglot")
+    folders = _ensure_archives(dirs, archives, cfg)
+    data = _load_images(dirs, archives, folders, cfg.image_size)
     keys = [tuple(key) for key in data["keys"]]
-    if cfg.split == "vinyals":
-        chars = _vinyals_characters(keys, folder)
-    else:
-        chars = _alphabet_characters(keys, alphabets)
-    return {split: _store(data["images"], data["chars"], keys, chars[split], cfg.rotations) for split in SPLITS}
+    names, key_of = _character_names(keys)
+    official = sorted(archives) == sorted(OFFICIAL_MD5)
+    standard = vinyals_names() if official else None
+    if standard is not None and uses_standard_split(cfg):
+        _check_vinyals(set(names), dirs)
+    chosen = choose_split(cfg, names, standard, what="character", deal_level=1)
+    return {split: _store(data["images"], data["chars"], keys, [key_of[n] for n in chosen[split]], cfg.rotations)
+            for split in SPLITS}
 
 
 def sources(cfg: Config) -> list[Path]:
-    """The archives this config reads: each zip, and its extracted folder."""
-    folder = Path(cfg.root).expanduser() / "omniglot"
-    return [p for name in cfg.archives for p in (folder / f"{name}.zip", folder / name)]
+    """The archives this config reads: each zip, and its extracted folder (under the root, else the cache dir)."""
+    dirs = data_dirs(cfg, "omniglot")
+    return [p for name in cfg.archives for p in (dirs.find(f"{name}.zip"), dirs.find(name))]
 
 
 def cache_dir(cfg: Config) -> Path:
-    return Path(cfg.root).expanduser() / "omniglot" / "cache"
+    return data_dirs(cfg, "omniglot").out / "cache"
 
 
 def vinyals_split() -> dict[str, dict[str, dict[str, list[str]]]]:
@@ -99,7 +111,36 @@ def vinyals_split() -> dict[str, dict[str, dict[str, list[str]]]]:
     return split
 
 
-def _check_config(cfg: Config, archives: list[str], alphabets: dict[str, list[str]]) -> None:
+def vinyals_names() -> dict[str, list[str]]:
+    """The Vinyals split as character names (``Alphabet/characterNN``), in the split file's order."""
+    return {split: [f"{alphabet}/{char}" for sets in vinyals_split()[split].values()
+                    for alphabet, chars in sets.items() for char in chars] for split in SPLITS}
+
+
+def _character_names(keys: list[tuple[str, str, str]]) -> tuple[list[str], dict[str, int]]:
+    """The characters' names in the cache's order, each alphabet from the first archive that has it,
+    and the index in ``keys`` of each name."""
+    source: dict[str, str] = {}
+    for archive, alphabet, _ in keys:
+        source.setdefault(alphabet, archive)
+    key_of = {f"{alphabet}/{char}": i for i, (archive, alphabet, char) in enumerate(keys) if source[alphabet] == archive}
+    return list(key_of), key_of
+
+
+def _check_vinyals(present: set[str], dirs: DataDirs) -> None:
+    """The Vinyals split, when used, must be complete: a missing character means incomplete archives."""
+    wanted = [(_SET_ARCHIVE[image_set], f"{alphabet}/{char}") for sets in vinyals_split().values()
+              for image_set, alphabets in sets.items() for alphabet, chars in alphabets.items() for char in chars]
+    missing = [f"{archive}/{name}" for archive, name in wanted if name not in present]
+    if missing:
+        raise DataError(
+            f"{len(missing)} of the {len(wanted)} characters of the Vinyals split are missing under {dirs.root} "
+            f"(first: {missing[0]}); the archives look incomplete: delete the "
+            f"{' and '.join(_SET_ARCHIVE.values())} folders and .zip files there and run again to download them afresh"
+        )
+
+
+def _check_config(cfg: Config, archives: list[str]) -> None:
     if cfg.image_size < 1:
         raise ConfigError(f"data.image_size must be >= 1 (got {cfg.image_size})")
     if not archives:
@@ -111,88 +152,55 @@ def _check_config(cfg: Config, archives: list[str], alphabets: dict[str, list[st
             )
     if len(set(archives)) != len(archives):
         raise ConfigError(f"data.archives lists an archive twice ({archives}); list each once")
-    if cfg.split == "vinyals":
-        if sorted(archives) != sorted(OFFICIAL_MD5):
-            raise ConfigError(
-                f"split=vinyals needs data.archives={list(OFFICIAL_MD5)} (got {archives}); for other archives use data.split=alphabets"
-            )
-        for split, names in alphabets.items():
-            if names:
-                raise ConfigError(
-                    f"data.{split}_alphabets is set but data.split=vinyals ignores it; add data.split=alphabets or leave the list empty"
-                )
-    elif cfg.split == "alphabets":
-        for split, names in alphabets.items():
-            if not names:
-                raise ConfigError(
-                    f"data.{split}_alphabets is empty; with data.split=alphabets list at least one alphabet for each of train, val and test"
-                )
-        seen: dict[str, str] = {}
-        for split, names in alphabets.items():
-            for name in names:
-                if name in seen:
-                    raise ConfigError(
-                        f"alphabet {name!r} is in both data.{seen[name]}_alphabets and data.{split}_alphabets; "
-                        "give each alphabet to one split only"
-                    )
-                seen[name] = split
-    else:
-        raise ConfigError(f"unknown data.split={cfg.split!r}; use vinyals or alphabets")
+    check_split_config(cfg)
 
 
-def _ensure_archives(folder: Path, archives: list[str], cfg: Config) -> list[Path]:
-    """The extracted folders of ``archives``, downloading and extracting what is missing."""
-    missing = [name for name in archives if not (folder / name).is_dir() and not (folder / f"{name}.zip").is_file()]
+def _ensure_archives(dirs: DataDirs, archives: list[str], cfg: Config) -> list[Path]:
+    """The extracted folders of ``archives`` (under the root, else the cache dir), downloading and
+    extracting what is missing into the cache dir."""
+    missing = [name for name in archives if not dirs.find(name).is_dir() and not dirs.find(f"{name}.zip").is_file()]
+    folder = f"{dirs.root} (nor in {dirs.out})" if dirs.separate else str(dirs.root)
     if missing:
         zips = ", ".join(f"{name}.zip" for name in missing)
         if any(name not in OFFICIAL_MD5 for name in missing):
             raise DataError(
-                f"Omniglot archive(s) {zips} not found in {folder}; put them there (only {' and '.join(OFFICIAL_MD5)} "
+                f"Omniglot archive(s) {zips} not found in {folder}; put them in {dirs.root} (only {' and '.join(OFFICIAL_MD5)} "
                 "can be downloaded), or set data.root to the folder that holds omniglot/"
             )
         urls = [f"{cfg.base_url.rstrip('/')}/{name}.zip" for name in missing]
         if not cfg.download:
             raise DataError(
                 f"Omniglot archive(s) {zips} not found in {folder} and data.download=false; "
-                f"download {' and '.join(urls)} into that folder, or set data.download=true"
+                f"download {' and '.join(urls)} into {dirs.root}, or set data.download=true"
             )
+        dirs.ensure_writable(dirs.out, "the Omniglot downloads")
         for name, url in zip(missing, urls):
             log.info("downloading %s", url)
-            download(url, folder / f"{name}.zip", md5=OFFICIAL_MD5[name])
-    dirs = []
+            download(url, dirs.out / f"{name}.zip", md5=OFFICIAL_MD5[name])
+    folders = []
     for name in archives:
-        if not (folder / name).is_dir():
-            log.info("extracting %s", folder / f"{name}.zip")
-            extract_zip(folder / f"{name}.zip", folder / name, subdir=name)
-        dirs.append(folder / name)
-    return dirs
+        extracted = dirs.find(name)
+        if not extracted.is_dir():
+            archive, extracted = dirs.find(f"{name}.zip"), dirs.out / name
+            dirs.ensure_writable(dirs.out, f"the extracted {archive.name}")
+            log.info("extracting %s into %s", archive, extracted)
+            extract_zip(archive, extracted, subdir=name)
+        folders.append(extracted)
+    return folders
 
 
-def _load_images(folder: Path, archives: list[str], dirs: list[Path], size: int) -> dict:
-    """The cached images of all ``archives``, decoding the PNGs first if the cache is missing or stale."""
+def _load_images(dirs: DataDirs, archives: list[str], folders: list[Path], size: int) -> dict:
+    """The cached images of all ``archives``, decoding the PNGs first if the cache is missing or stale
+    (a current cache under the data root is read first; a new one is written to the cache dir)."""
     meta = {
         "version": _CACHE_VERSION,
         "archives": archives,
         "image_size": size,
         # A re-extracted folder has a new mtime, so a cache of an older copy is not reused.
-        "mtimes": [d.stat().st_mtime_ns for d in dirs],
+        "mtimes": [d.stat().st_mtime_ns for d in folders],
     }
-    path = folder / "cache" / f"{'+'.join(archives)}-{size}px-v{_CACHE_VERSION}.pt"
-    try:
-        data = torch.load(path, weights_only=True)
-        if all(data.get(k) == v for k, v in meta.items()):
-            return data
-    except FileNotFoundError:
-        pass
-    except Exception as e:  # an unreadable cache is only a cache: rebuild it
-        log.warning("Omniglot cache %s is unreadable (%s); rebuilding it", path, e)
-    log.info("decoding Omniglot PNGs of %s into %s (once)", ", ".join(archives), path)
-    data = {**meta, **_decode_archives(archives, dirs, size)}
-    try:
-        atomic_torch_save(data, path)
-    except OSError as e:
-        log.warning("cannot write Omniglot cache %s (%s); the next load will decode the PNGs again", path, e)
-    return data
+    path = dirs.cache(f"{'+'.join(archives)}-{size}px-v{_CACHE_VERSION}.pt")
+    return cached(path, meta, lambda: _decode_archives(archives, folders, size), "Omniglot", dirs)
 
 
 def _decode_archives(archives: list[str], dirs: list[Path], size: int) -> dict:
@@ -206,17 +214,9 @@ def _decode_archives(archives: list[str], dirs: list[Path], size: int) -> dict:
         raise DataError(
             f"no <Alphabet>/characterNN folders found in {', '.join(map(str, dirs))}; delete them and run again to re-extract"
         )
-    # Threads overlap the many small file reads (slow on network or cold disks); the
-    # decoding itself mostly holds the GIL, so more CPU cores barely speed it up.
-    pool = ThreadPoolExecutor()
-    try:
-        arrays = list(pool.map(lambda paths: _decode_pngs(paths, size), files))
-    finally:
-        # Without cancel_futures, Ctrl-C would still wait for every queued character.
-        pool.shutdown(cancel_futures=True)
-    counts = torch.tensor([len(a) for a in arrays])
+    counts = torch.tensor([len(paths) for paths in files])
     return {
-        "images": torch.from_numpy(np.concatenate(arrays)).unsqueeze(1),
+        "images": _decode_pngs([p for paths in files for p in paths], size),
         "chars": torch.repeat_interleave(torch.arange(len(keys)), counts),
         "keys": keys,
     }
@@ -226,53 +226,14 @@ def _subdirs(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith((".", "__")))
 
 
-def _decode_pngs(paths: list[Path], size: int) -> np.ndarray:
-    out = np.empty((len(paths), size, size), dtype=np.uint8)
-    for i, path in enumerate(paths):
-        try:
-            with Image.open(path) as image:
-                out[i] = np.asarray(image.convert("L").resize((size, size), Image.Resampling.BILINEAR))
-        except (OSError, ValueError) as e:
-            raise DataError(
-                f"cannot read {path} ({e}); the extracted folder looks damaged: delete it and run again to re-extract"
-            ) from None
-    # The PNGs draw black ink on white; the rest of metalearn wants ink = 255 on 0.
-    return 255 - out
+def _decode_pngs(paths: list[Path], size: int) -> torch.Tensor:
+    """The PNGs as uint8 [N, 1, size, size]: greyscale, BILINEAR-resized, decoded on threads, in order."""
+    def one(path: Path, row: np.ndarray) -> None:
+        # The PNGs draw black ink on white; the rest of metalearn wants ink = 255 on 0, hence invert.
+        decode_array(path, mode="L", size=size, resample=PIL_BILINEAR, invert=True, out=row, error=lambda e: (
+            f"cannot read {path} ({e}); the extracted folder looks damaged: delete it and run again to re-extract"))
 
-
-def _vinyals_characters(keys: list[tuple[str, str, str]], folder: Path) -> dict[str, list[int]]:
-    index = {key: i for i, key in enumerate(keys)}
-    chars: dict[str, list[int]] = {}
-    missing, total = [], 0
-    for split, sets in vinyals_split().items():
-        wanted = [(_SET_ARCHIVE[s], a, c) for s, alphabets in sets.items() for a, cs in alphabets.items() for c in cs]
-        total += len(wanted)
-        missing += [key for key in wanted if key not in index]
-        chars[split] = [index[key] for key in wanted if key in index]
-    if missing:
-        raise DataError(
-            f"{len(missing)} of the {total} characters of the Vinyals split are missing under {folder} "
-            f"(first: {'/'.join(missing[0])}); the archives look incomplete: delete the "
-            f"{' and '.join(_SET_ARCHIVE.values())} folders and .zip files there and run again to download them afresh"
-        )
-    return chars
-
-
-def _alphabet_characters(keys: list[tuple[str, str, str]], alphabets: dict[str, list[str]]) -> dict[str, list[int]]:
-    # An alphabet in several archives (e.g. Greek in both small subsets) comes from the first one.
-    source: dict[str, str] = {}
-    for archive, alphabet, _ in keys:
-        source.setdefault(alphabet, archive)
-    chars = {}
-    for split, names in alphabets.items():
-        unknown = [name for name in names if name not in source]
-        if unknown:
-            raise DataError(
-                f"unknown alphabet(s) {', '.join(unknown)} in data.{split}_alphabets; available: {', '.join(sorted(source))}"
-            )
-        chosen = set(names)
-        chars[split] = [i for i, (archive, alphabet, _) in enumerate(keys) if alphabet in chosen and source[alphabet] == archive]
-    return chars
+    return decode_into(torch.empty(len(paths), 1, size, size, dtype=torch.uint8), one, paths)
 
 
 def _store(

@@ -24,7 +24,13 @@ each split decodes it once, a slice at a time, into a raw uint8 ``.npy`` file [N
 sorted by class in ``<root>/tieredimagenet/cache/`` (written to a temp file, then renamed),
 with a small index of labels and class names beside it. Loads memory-map that file, so an
 episode reads only the images it draws. Both are rebuilt when the source files change or
-``data.image_size`` (other sizes are resized while decoding) does.
+``data.image_size`` (other sizes are resized while decoding) does. With ``data.cache_dir``
+set, they are written to ``<cache_dir>/tieredimagenet/cache/`` instead (a current cache
+under the root is used first); the files under the root are only read.
+
+The standard split is the files' own (351/97/160 classes); ``data.train``/``val``/``test``
+(class names or patterns) or ``data.split_seed`` choose others from all 608 classes
+(``metalearn.data.common.choose_split``); such a split is copied into memory, not mapped.
 """
 
 from __future__ import annotations
@@ -35,9 +41,7 @@ import shutil
 import warnings
 import zipfile
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from io import BytesIO
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
@@ -45,12 +49,15 @@ import numpy as np
 import torch
 
 from metalearn.data import SPLITS
-from metalearn.data.common import ImageConfig, cached, check_image_config, dataset_dir, file_signature, read_pickle, text
+from metalearn.data.common import (
+    DataDirs, ImageConfig, cached, check_image_config, check_split_config, choose_split, data_dirs, dataset_dir,
+    file_signature, read_cache, read_pickle, regroup, text,
+)
 from metalearn.data.episodes import ClassStore
 # MEAN, STD: the per-channel statistics that MetaOptNet's tieredImageNet dataloader (Lee et al.,
 # CVPR 2019, data/tiered_imagenet.py: mean_pix, std_pix) uses, the same as for miniImageNet.
-from metalearn.data.miniimagenet import MEAN, STD, rgb_image
-from metalearn.data.transforms import resize
+from metalearn.data.miniimagenet import MEAN, STD
+from metalearn.data.images import TORCH_BILINEAR, decode_array, decode_into, resize
 from metalearn.errors import ConfigError, DataError
 from metalearn.fileio import atomic_path
 
@@ -74,7 +81,8 @@ class Config(ImageConfig):
 
 def load(cfg: Config) -> dict[str, ClassStore]:
     _check_config(cfg)
-    folder = dataset_dir(cfg)
+    dirs = data_dirs(cfg)
+    folder = dirs.root
     files = {split: _split_files(folder, split, cfg.form) for split in SPLITS}
     missing = [path for _, images, labels in files.values() for path in (images, labels) if not path.is_file()]
     if missing:
@@ -86,9 +94,14 @@ def load(cfg: Config) -> dict[str, ClassStore]:
     stores = {}
     for split, (form, images, labels) in files.items():
         channels = cfg.npz_channels if form == "npz" else "rgb"
-        index, pixels = _split_cache(folder, split, form, images, labels, channels, cfg.image_size)
+        index, pixels = _split_cache(dirs, split, form, images, labels, channels, cfg.image_size)
         stores[split] = ClassStore(pixels, index["labels"], index["class_names"], mean=MEAN, std=STD)
-    return stores
+    standard = {split: list(store.class_names) for split, store in stores.items()}
+    chosen = choose_split(cfg, sorted({name for names in standard.values() for name in names}), standard)
+    if chosen == standard:
+        return stores
+    log.info("copying the images of the chosen tieredImageNet split into memory")
+    return regroup(stores, chosen, MEAN, STD)
 
 
 def sources(cfg: Config) -> list[Path]:
@@ -99,6 +112,7 @@ def sources(cfg: Config) -> list[Path]:
 
 def _check_config(cfg: Config) -> None:
     check_image_config(cfg)
+    check_split_config(cfg)
     if cfg.form not in FORMS:
         raise ConfigError(f"unknown data.form={cfg.form!r}; use one of: {', '.join(FORMS)}")
     if cfg.npz_channels not in CHANNEL_ORDERS:
@@ -113,23 +127,32 @@ def _split_files(folder: Path, split: str, form: str) -> tuple[str, Path, Path]:
     return form, npz if form == "npz" else png, folder / f"{split}_labels.pkl"
 
 
-def _split_cache(folder: Path, split: str, form: str, images: Path, labels: Path, channels: str,
+def _split_cache(dirs: DataDirs, split: str, form: str, images: Path, labels: Path, channels: str,
                  size: int) -> tuple[dict, torch.Tensor]:
-    """The split's index (labels, class names) and its memory-mapped images, building both if stale."""
+    """The split's index (labels, class names) and its memory-mapped images, building both if stale
+    (a current cache under the data root is used first; a new one is written to the cache dir)."""
     # Form and channel order are in the name: switching either must not overwrite a 16 GB cache.
-    stem = folder / "cache" / f"{split}-{form}-{channels}-{size}px-v{_CACHE_VERSION}"
-    npy = stem.with_suffix(".npy")
-    meta = {
-        "version": _CACHE_VERSION,
-        "form": form,
-        "channels": channels,
-        "image_size": size,
-        "sources": file_signature(images, labels),
-        # The index is valid only with the very images file it was built with.
-        "images_file": _signature(npy),
-    }
+    stem = dirs.cache(f"{split}-{form}-{channels}-{size}px-v{_CACHE_VERSION}")
+
+    def meta(npy: Path) -> dict:
+        return {
+            "version": _CACHE_VERSION,
+            "form": form,
+            "channels": channels,
+            "image_size": size,
+            "sources": file_signature(images, labels),
+            # The index is valid only with the very images file it was built with.
+            "images_file": _signature(npy),
+        }
+
     what = f"tieredImageNet {split}"
-    index = cached(stem.with_suffix(".pt"), meta, lambda: _build(form, images, labels, channels, size, npy, what), what)
+    for candidate in dirs.read_first(stem)[:-1]:  # a current cache under the data root
+        index = read_cache(candidate.with_suffix(".pt"), meta(candidate.with_suffix(".npy")), what)
+        if index is not None:
+            return index, _open_images(candidate.with_suffix(".npy"), len(index["labels"]), size)
+    npy = stem.with_suffix(".npy")
+    index = cached(stem.with_suffix(".pt"), meta(npy), lambda: _build(form, images, labels, channels, size, npy, what), what, dirs,
+                   root_first=False)
     return index, _open_images(npy, len(index["labels"]), size)
 
 
@@ -223,20 +246,20 @@ class PngImages:
 
     def chunks(self, size: int) -> Iterator[torch.Tensor]:
         """uint8 [n, 3, size, size] RGB, in file order."""
-        # Threads overlap the decoding: Pillow's PNG decoder releases the GIL.
-        pool = ThreadPoolExecutor()
-        try:
-            for lo in range(0, self.count, _CHUNK):
-                yield torch.stack(list(pool.map(lambda i: self._decode(i, size), range(lo, min(lo + _CHUNK, self.count)))))
-        finally:
-            pool.shutdown(cancel_futures=True)
+        for lo in range(0, self.count, _CHUNK):
+            hi = min(lo + _CHUNK, self.count)
+            yield decode_into(torch.empty(hi - lo, 3, size, size, dtype=torch.uint8),
+                              lambda i, row: self._decode(i, size, row), range(lo, hi))
 
-    def _decode(self, i: int, size: int) -> torch.Tensor:
+    def _decode(self, i: int, size: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Image i, decoded whole, then resized (TORCH_BILINEAR) if need be."""
         item = self.items[i]
+        error = lambda e: f"image {i} of {self.path} is not a readable PNG ({e}); the file is damaged: replace it"  # noqa: E731
         try:
-            return rgb_image(BytesIO(item.tobytes() if isinstance(item, np.ndarray) else bytes(item)), size)
-        except (OSError, ValueError, TypeError) as e:
-            raise DataError(f"image {i} of {self.path} is not a readable PNG ({e}); the file is damaged: replace it") from None
+            data = item.tobytes() if isinstance(item, np.ndarray) else bytes(item)
+        except (ValueError, TypeError) as e:
+            raise DataError(error(e)) from None
+        return decode_array(data, mode="RGB", size=size, resample=TORCH_BILINEAR, error=error, out=out)
 
 
 class NpzImages:
@@ -302,7 +325,7 @@ def _write_sorted(source, destination: np.ndarray, size: int, npy: Path, what: s
     if free < need:
         raise DataError(
             f"the {what} image cache needs {need / 1e9:.1f} GB in {npy.parent} but {free / 1e9:.1f} GB are free; "
-            "make room there or set data.root to a larger disk"
+            "make room there or set data.cache_dir to a larger disk"
         )
     log.info("decoding %d %s images into %s (%.1f GB, once)", count, what, npy, need / 1e9)
     try:
@@ -317,4 +340,4 @@ def _write_sorted(source, destination: np.ndarray, size: int, npy: Path, what: s
             out.flush()
             del out  # unmap before the rename
     except OSError as e:
-        raise DataError(f"cannot write the {what} image cache {npy} ({e}); make room there or make the folder writable") from None
+        raise DataError(f"cannot write the {what} image cache {npy} ({e}); make room there, make the folder writable, or set data.cache_dir to another folder") from None

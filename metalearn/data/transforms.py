@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from metalearn.data.images import resize  # noqa: F401  (its home was here; the datasets import it from images)
 from metalearn.errors import ConfigError
 
 
@@ -30,15 +31,6 @@ def check_augment(cfg: AugmentConfig) -> None:
         raise ConfigError(f"data.augment.crop_padding must be >= 0 (got {cfg.crop_padding})")
     if not 0 <= cfg.color_jitter < 1:
         raise ConfigError(f"data.augment.color_jitter must be in [0, 1) (got {cfg.color_jitter})")
-
-
-def resize(images: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
-    """Resize uint8 images [N, C, H, W] to ``size`` (antialiased bilinear, like PIL's BILINEAR downsampling)."""
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    if tuple(images.shape[-2:]) == size:
-        return images
-    out = F.interpolate(images.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
-    return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -139,8 +139,8 @@ class Omniglot(NativeMetaDataset):
                  meta_split=None, class_augmentations=None, download=False, config=None):
         if not use_vinyals_split:
             raise unsupported("Omniglot(use_vinyals_split=False)",
-                              "the Vinyals split is used; for a split by alphabet give config={'split': 'alphabets', "
-                              "'train_alphabets': [...], 'val_alphabets': [...], 'test_alphabets': [...]}")
+                              "the Vinyals split is used; for a split by alphabet give config={'train': [...], "
+                              "'val': [...], 'test': [...]} (alphabet names or patterns)")
         super().__init__(root, num_classes_per_task, meta_train, meta_val, meta_test, meta_split, transform,
                          target_transform, dataset_transform, class_augmentations, download, config)
 
@@ -184,7 +184,7 @@ class DoubleMNIST(NativeMetaDataset):
 class Glyphs(NativeMetaDataset):
     """metalearn's procedural Omniglot-like characters: offline, deterministic, nothing on disk
     (``root`` is accepted and unused). An extra, not in torchmeta; options via ``config``, e.g.
-    ``config={"train_classes": 100, "samples_per_class": 20}``."""
+    ``config={"split_sizes": [100, 20, 20], "samples_per_class": 20}``."""
 
     native = "glyphs"
 
