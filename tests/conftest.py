@@ -28,7 +28,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 FAST = [
     "data=glyphs", "data.split_sizes=[40,20,20]",
     "backbone.hidden=16", "meta_batch_size=4", "steps=20", "trainer.log_every=5", "trainer.val_every=10",
-    "trainer.val_episodes=20", "trainer.test_episodes=20", "trainer.ckpt_every=10",
+    "trainer.val_episodes=10", "trainer.test_episodes=20", "trainer.ckpt_every=10",
 ]
 
 #: FAST cut to the plumbing (4 steps, validation and a checkpoint every 2, 4 episodes): for tests of

@@ -405,12 +405,14 @@ SCHEDULE = ["algo=mamlpp", "algo.inner_steps=2", "algo.test_inner_steps=2", "alg
 
 @pytest.fixture(scope="module")
 def cli_runs(cli, tmp_path_factory) -> dict:
-    """A FAST run in one go, and the same run stopped at step 6 (first order, mid-MSL) and resumed."""
+    """A FAST run (20 steps; 5 validation episodes, the numbers do not matter) in one go, and the same run
+    stopped at step 6 (first order, mid-MSL) and resumed."""
     cwd = tmp_path_factory.mktemp("mamlpp")
+    fast = cli.with_overrides(cli.FAST, "trainer.val_episodes=5")
     whole, stopped = cwd / "whole", cwd / "stopped"
     procs = cli.run_many({
-        "whole": (["train", *SCHEDULE, *cli.FAST, f"hydra.run.dir={whole}"], cwd),
-        "stop": (["train", *SCHEDULE, *cli.FAST, "trainer.stop_at=6", f"hydra.run.dir={stopped}"], cwd),
+        "whole": (["train", *SCHEDULE, *fast, f"hydra.run.dir={whole}"], cwd),
+        "stop": (["train", *SCHEDULE, *fast, "trainer.stop_at=6", f"hydra.run.dir={stopped}"], cwd),
     })
     assert procs["stop"].returncode == 0, cli.describe(procs["stop"])
     procs["resume"] = cli.run(["train", f"resume={stopped}"], cwd)

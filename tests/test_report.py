@@ -38,7 +38,9 @@ def seed_sweep(cli, tmp_path_factory) -> Path:
     """4 real jobs: protonet on tiny glyphs, shots 1 and 5, seeds 0 and 1."""
     cwd = tmp_path_factory.mktemp("sweep")
     sweep = cwd / "multirun"
-    proc = cli.run(["train", "-m", "algo=protonet", "seed=0,1", "shots=1,5", *cli.FAST, f"hydra.sweep.dir={sweep}"], cwd)
+    fast = cli.with_overrides(cli.FAST, "steps=10", "trainer.val_every=5", "trainer.val_episodes=5",
+                              "trainer.ckpt_every=10")
+    proc = cli.run(["train", "-m", "algo=protonet", "seed=0,1", "shots=1,5", *fast, f"hydra.sweep.dir={sweep}"], cwd)
     assert proc.returncode == 0, cli.describe(proc)
     return sweep
 
