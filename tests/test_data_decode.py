@@ -20,7 +20,6 @@ import importlib.util
 import io
 import pickle
 import struct
-import tarfile
 import zipfile
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from PIL import Image
 
 from metalearn.data import cifar100, cub, doublemnist, episode_folders, imagefolder, miniimagenet, mnist, omniglot
 from metalearn.data import tieredimagenet
+from test_data_cifar import tar_gz  # the suite's .tar.gz builder
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data" / "omniglot"
@@ -104,16 +104,6 @@ def write(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return path
-
-
-def tar_gz(members: dict[str, bytes]) -> bytes:
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w:gz") as tf:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return out.getvalue()
 
 
 # Image files of every kind a folder dataset meets: (file name, bytes).

@@ -117,11 +117,11 @@ def test_evaluation_reports_the_mse_after_each_inner_step():
     assert algo.primary_metric == "mse" and not algo.higher_is_better
 
 
-def regression_config(algo: dict, steps: int):
+def regression_config(algo: dict, steps: int, lr: float = 1e-3):
     return to_run_config({
         "algo": algo, "data": {"name": "sinusoid"}, "backbone": {"name": "mlp"},
         "device": {"type": "cpu"}, "ways": 1, "shots": 10, "queries": 10, "meta_batch_size": 25, "steps": steps,
-        "eval": {"ways": 1, "shots": 10, "queries": 10, "batch_size": 100}, "optim": {"name": "adam", "lr": 1e-3},
+        "eval": {"ways": 1, "shots": 10, "queries": 10, "batch_size": 100}, "optim": {"name": "adam", "lr": lr},
     })
 
 
@@ -133,8 +133,7 @@ def regression_config(algo: dict, steps: int):
     ({"name": "reptile", "inner_lr": 0.02, "inner_steps": 5, "test_inner_steps": 10}, 60, 1e-2)])
 def test_meta_training_lowers_the_post_adaptation_mse(algo, steps, lr):
     """MSE after 10 fine-tuning steps falls well below that of the untrained network (about 4)."""
-    cfg = regression_config(algo, steps)
-    cfg.optim.lr = lr
+    cfg = regression_config(algo, steps, lr)
     cpu = torch.device("cpu")
     engine.seed_everything(0)
     stores = engine.load_data(cfg, cpu)
