@@ -240,7 +240,7 @@ def _sweep_dir_names(args: list[str]) -> list[str]:
     Hydra's ``override_dirname`` lists every override; excluding the keys that do not vary keeps
     the names short and makes them readable as TensorBoard run names.
     """
-    if not any(a in ("-m", "--multirun") for a in args):
+    if not any(a in ("-m", "--multirun", "hydra.mode=MULTIRUN") for a in args):
         return args
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
@@ -256,14 +256,16 @@ def _sweep_dir_names(args: list[str]) -> list[str]:
     return [*args, f"hydra.job.config.override_dirname.exclude_keys=[{','.join(keys)}]"]
 
 
-def _precheck(command: str, args: list[str]) -> None:
+def _precheck(command: str, args: list[str], app=None) -> DictConfig | None:
     """Compose the config once before Hydra runs, to turn its multi-line errors into one line.
 
-    Only plain override lists (plus -m) are checked; every other Hydra flag goes to Hydra as is.
+    Only plain override lists (plus -m) are checked; every other Hydra flag goes to Hydra as is (None).
     Sweeps are checked with the first value of each swept key, and every value of swept groups.
+    ``app``: the Hydra instance that will run the command (``_launch``); the config is composed by it, as
+    its run would compose it, and returned (with its ``hydra`` node) for a single run to use.
     """
     if any(a.startswith("-") and a not in ("-m", "--multirun") for a in args):
-        return
+        return None
     from hydra import compose
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
@@ -299,31 +301,106 @@ def _precheck(command: str, args: list[str]) -> None:
                     fail(ConfigError(f"unknown {key.lstrip('+~')} {v!r}; choose one of: {', '.join(_choices(group))}"))
         first.append(f"{key}={values[0]}" if o.is_sweep_override() else o.input_line)
     config_name = "config" if command == "train" else "eval"
+    multirun = _multirun(args, parsed)
     try:
-        with confdir.initialized():  # train: with the hydra node, for the run directory's check below
-            cfg = compose(config_name, overrides=first, return_hydra_config=command == "train")
+        if app is not None:
+            from hydra.types import RunMode
+
+            # Hydra's own composition of the run (hydra.main adds the hydra.mode override)
+            cfg = app.compose_config(config_name, [*first, *_mode_override(multirun, parsed)], run_mode=RunMode.RUN)
+        else:
+            with confdir.initialized():
+                cfg = compose(config_name, overrides=first, return_hydra_config=True)
     except HydraException as e:
+        _leave_hydra()  # the error line may compose other configs
         fail(ConfigError(_hydra_error_line(str(e), conf_dir, config_name, first)))
     except OmegaConfBaseException as e:
         fail(ConfigError(str(e).splitlines()[0]))
-    output_dir = None
-    if command == "train":
-        from omegaconf import open_dict
-
-        output_dir = _output_dir(cfg, multirun="-m" in args or "--multirun" in args)
-        with open_dict(cfg):
-            cfg.pop("hydra")  # parts of it only a running app resolves (hydra.job.num)
+    # the checks see the job's config: the hydra node has parts only a running app resolves (hydra.job.num)
+    job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     try:
-        if command == "train" and cfg.get("resume") is not None:
+        if command == "train" and job.get("resume") is not None:
             from metalearn import checkpoint
 
-            checkpoint.load_for_resume(cfg.resume)  # before Hydra creates the run directory or writes its log
+            checkpoint.load_for_resume(job.resume)  # before Hydra creates the run directory or writes its log
         elif command == "train":
-            to_run_config(cfg)
+            to_run_config(job)
         if command == "train":
-            _check_writable(output_dir)
+            _check_writable(_output_dir(cfg, multirun))
     except MetalearnError as e:
         fail(e)
+    return cfg
+
+
+def _multirun(args: list[str], parsed) -> bool:
+    """Whether Hydra runs this command as a sweep: -m, or a hydra.mode=MULTIRUN override (no config file of
+    metalearn's sets hydra.mode; tests/test_cli.py checks it)."""
+    given = [str(o.value()) for o in parsed if o.get_key_element() == "hydra.mode"]
+    return "-m" in args or "--multirun" in args or given[-1:] == ["MULTIRUN"]
+
+
+def _mode_override(multirun: bool, parsed) -> list[str]:
+    """The override hydra.main adds (hydra/_internal/utils.py: _run_app): the mode when none is given, and
+    MULTIRUN under -m whatever is given."""
+    given = [str(o.value()) for o in parsed if o.get_key_element() == "hydra.mode"]
+    if multirun:
+        return [] if given[-1:] == ["MULTIRUN"] else ["hydra.mode=MULTIRUN"]
+    return [] if given else ["hydra.mode=RUN"]
+
+
+def _leave_hydra() -> None:
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+
+
+def _launch(command: str, args: list[str]) -> None:
+    """Run ``command``'s Hydra app as ``hydra.main`` does (the same search path, task name, run and multirun),
+    without its compositions that repeat the precheck's: hydra.main composes the whole config once to read
+    hydra.mode and once more to run. A single run here is composed once, checked, and run on that config
+    (``_run_composed``); a sweep is checked on its first values, then composed by Hydra's multirun."""
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import (create_automatic_config_search_path,
+                                       detect_calling_file_or_module_from_task_function, detect_task_name,
+                                       run_and_report)
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.types import RunMode
+
+    task = APPS[command].__wrapped__  # the function under @hydra.main
+    config_name = "config" if command == "train" else "eval"
+    calling_file, calling_module = detect_calling_file_or_module_from_task_function(task)
+    search_path = create_automatic_config_search_path(calling_file, calling_module, str(CONF_DIR))
+    app = run_and_report(lambda: Hydra.create_main_hydra2(task_name=detect_task_name(calling_file, calling_module),
+                                                         config_search_path=search_path))
+    try:
+        cfg = _precheck(command, args, app)  # a mistake ends here, in one line
+        if cfg.hydra.mode == RunMode.MULTIRUN:
+            overrides = [a for a in args if not a.startswith("-")]
+            overrides += _mode_override(True, OverridesParser.create().parse_overrides(overrides))
+            run_and_report(lambda: app.multirun(config_name=config_name, task_function=task, overrides=overrides))
+        else:
+            run_and_report(lambda: _run_composed(app, cfg, config_name, task))
+    finally:
+        _leave_hydra()
+
+
+def _run_composed(app, cfg: DictConfig, config_name: str, task) -> None:
+    """``Hydra.run`` (hydra/_internal/hydra.py, 1.3) on a config it has composed: Hydra's logging, the run's
+    callbacks, the job (run directory, .hydra/, the job's logging, the task)."""
+    from hydra._internal.callbacks import Callbacks
+    from hydra.core.utils import configure_log, run_job
+    from hydra.types import HydraContext, RunMode
+
+    configure_log(cfg.hydra.hydra_logging, cfg.hydra.verbose)
+    if cfg.hydra.mode is None:
+        cfg.hydra.mode = RunMode.RUN
+    callbacks = Callbacks(cfg)
+    callbacks.on_run_start(config=cfg, config_name=config_name)
+    ret = run_job(hydra_context=HydraContext(config_loader=app.config_loader, callbacks=callbacks),
+                  task_function=task, config=cfg, job_dir_key="hydra.run.dir", job_subdir_key=None,
+                  configure_logging=True)
+    callbacks.on_run_end(config=cfg, config_name=config_name, job_return=ret)
+    _ = ret.return_value  # raises the task's exception, as Hydra.run does
 
 
 def _output_dir(cfg: DictConfig, multirun: bool) -> Path | None:
@@ -480,11 +557,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_app(command: str, rest: list[str]) -> int:
-    _precheck(command, rest)
-    sys.argv = [sys.argv[0], *(_sweep_dir_names(rest) if command == "train" else rest)]
+    args = _sweep_dir_names(rest) if command == "train" else rest
     try:
         with sweeps.sweeper_errors_raised(command, rest):
-            APPS[command]()
+            if any(a.startswith("-") and a not in ("-m", "--multirun") for a in rest):
+                sys.argv = [sys.argv[0], *args]
+                APPS[command]()  # Hydra's flags (--help, --cfg, --info ...): hydra.main parses them
+            else:
+                _launch(command, args)
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once, without a checkpoint
         sweeps.report()
         print("metalearn: interrupted", file=sys.stderr)

@@ -24,9 +24,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
     torch.set_num_threads(1)
 
+#: The classes of FAST's glyphs (train, val, test): few, since every run draws them.
+FAST_SPLIT = [20, 10, 10]
+
 #: A tiny glyphs run: about 5 s a subprocess, most of it imports.
 FAST = [
-    "data=glyphs", "data.split_sizes=[40,20,20]",
+    "data=glyphs", f"data.split_sizes=[{','.join(map(str, FAST_SPLIT))}]",
     "backbone.hidden=16", "meta_batch_size=4", "steps=20", "trainer.log_every=5", "trainer.val_every=10",
     "trainer.val_episodes=10", "trainer.test_episodes=20", "trainer.ckpt_every=10",
 ]
@@ -88,8 +91,11 @@ class _Zygote:
     """This test process's warm interpreter (tests/zygote.py), started on first use."""
 
     def __init__(self):
-        self.proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "zygote.py")], stdin=subprocess.PIPE,
-                                     env=cli_env(), text=True, cwd=REPO)
+        import tempfile
+
+        self.socket = os.path.join(tempfile.mkdtemp(prefix="metalearn-zygote-"), "socket")  # torchrun's workers
+        self.proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "zygote.py"), self.socket],
+                                     stdin=subprocess.PIPE, env=cli_env(), text=True, cwd=REPO)
         self.lock = threading.Lock()
         atexit.register(self.close)
 
@@ -141,6 +147,31 @@ def _zygote() -> _Zygote:
         if not _ZYGOTE or _ZYGOTE[0].proc.poll() is not None:
             _ZYGOTE[:] = [_Zygote()]
         return _ZYGOTE[0]
+
+
+def torchrun_cmd(args: list[str], nproc: int = 2) -> list[str]:
+    """``torchrun --nproc_per_node=NPROC --standalone -m metalearn ARGS``: each worker a child of the zygote
+    (tests/zygote_rank.py stands in for it; run it with ``torchrun_env``), or with METALEARN_TEST_EXEC=1 a
+    plain ``python -m metalearn``."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"]
+    if os.environ.get("METALEARN_TEST_EXEC") == "1":
+        return [*launcher, "-m", "metalearn", *map(str, args)]
+    return [*launcher, str(REPO / "tests" / "zygote_rank.py"), *map(str, args)]
+
+
+def torchrun_env(**extra: str) -> dict[str, str]:
+    """``cli_env(**extra)`` for ``torchrun_cmd``: where its workers find the zygote."""
+    import time
+
+    if os.environ.get("METALEARN_TEST_EXEC") == "1":
+        return cli_env(**extra)
+    path = _zygote().socket
+    deadline = time.monotonic() + 120
+    while not os.path.exists(path):  # bound once the zygote has imported torch
+        if _zygote().proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("the test zygote did not start")
+        time.sleep(0.02)
+    return cli_env(**extra, METALEARN_TEST_ZYGOTE=path)
 
 
 def run_many(jobs: dict[str, tuple]) -> dict[str, subprocess.CompletedProcess]:
@@ -265,11 +296,11 @@ class Learning:
         algo = engine.build_algorithm(cfg, stores["train"])
         optimizer, scheduler = engine.build_optimizer(cfg, algo.parameters())
 
-        def test_accuracy() -> float:
+        def test_accuracy(episodes: int) -> float:
             return engine.evaluate(algo, stores["test"], e.ways, e.shots, e.queries, episodes,
                                    e.batch_size, 1, cpu, precision=cfg.device.precision)["accuracy"]["mean"]
 
-        before = test_accuracy()
+        before = test_accuracy(max(1, episodes // 2))  # the untrained score: the first half of the episodes will do
         sampler = stores["train"].sampler(cfg.ways, cfg.shots, cfg.queries, cfg.meta_batch_size, cfg.seed, training=True)
         start = time.perf_counter()
         algo.train()
@@ -283,7 +314,7 @@ class Learning:
             optimizer.step()
             scheduler.step()
         seconds = time.perf_counter() - start
-        return before, test_accuracy(), seconds
+        return before, test_accuracy(episodes), seconds
 
 
 @pytest.fixture(scope="session")
@@ -334,7 +365,10 @@ if os.environ.get("METALEARN_TEST_CPU"):  # a file: each test's CPU seconds (its
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_protocol(item, nextitem):
-        start = _cpu()
+        import time
+
+        start, wall = _cpu(), time.monotonic()
         yield
         with open(os.environ["METALEARN_TEST_CPU"], "a") as f:
-            f.write(json.dumps({"test": item.nodeid, "cpu": round(_cpu() - start, 2)}) + "\n")
+            f.write(json.dumps({"test": item.nodeid, "cpu": round(_cpu() - start, 2),
+                                "wall": round(time.monotonic() - wall, 2)}) + "\n")

@@ -22,7 +22,7 @@ from metalearn.config import to_run_config
 from metalearn.data import TaskBatch
 from metalearn.errors import ConfigError
 from metalearn.models import conv4
-from conftest import zero_gradient
+from conftest import FAST_SPLIT, zero_gradient
 
 import plainops
 
@@ -227,7 +227,7 @@ def test_trains_through_the_cli(name, cli, cli_runs):
     ckpt = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
     assert ckpt["step"] == 4 and ckpt["config"]["algo"]["name"] == name
     assert ckpt["config"]["algo"]["head"] == ("linear" if name == "baseline" else "cosine")
-    assert ckpt["model"]["head.weight"].shape[0] == 40  # TINY: data.split_sizes=[40,20,20]: 40 global classes
+    assert ckpt["model"]["head.weight"].shape[0] == FAST_SPLIT[0]  # TINY's glyphs: one output per train class
 
 
 @pytest.mark.parametrize("name", list(MODULES))

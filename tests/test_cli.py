@@ -222,6 +222,31 @@ def test_multirun_sweep(cli, tmp_path):
         assert "_hparams_/session_start_info" in mux.PluginRunToTagToContent("hparams")[name]
 
 
+def test_the_run_records_what_hydra_main_would(trained_run, cli):
+    """A single run is composed once (cli._launch) and run on that config: its .hydra/ says what
+    hydra.main's own run writes, the RUN mode and the overrides it adds."""
+    import yaml
+
+    hydra_node = yaml.safe_load((trained_run / ".hydra" / "hydra.yaml").read_text())["hydra"]
+    assert hydra_node["mode"] == "RUN" and hydra_node["job"]["name"] == "train"
+    assert hydra_node["overrides"]["hydra"] == [f"hydra.run.dir={trained_run}", "hydra.mode=RUN"]
+    assert hydra_node["runtime"]["output_dir"] == str(trained_run)
+    assert (trained_run / "train.log").read_text().count(" - step ") >= 4
+    # The mode comes from -m and hydra.mode= alone (cli._multirun): no config file sets it.
+    for path in (cli.REPO / "conf").rglob("*.yaml"):
+        data = yaml.safe_load(path.read_text()) or {}
+        assert "mode" not in (data.get("hydra") or {}), path
+        assert path.parts[-3:-1] != ("conf", "hydra") or "mode" not in data, path
+
+
+def test_hydra_mode_multirun_without_m_is_a_sweep(cli, tmp_path):
+    proc = cli.run(["train", "hydra.mode=MULTIRUN", "algo=protonet", *cli.TINY, f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                   tmp_path)
+    assert proc.returncode == 0, cli.describe(proc)
+    assert [p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir()] == ["0_"]
+    assert json.loads((tmp_path / "sweep" / "0_" / "results.json").read_text())["test"]["accuracy"]["episodes"] == 4
+
+
 # ---------------------------------------------------------------- the installed wheel
 
 

@@ -23,6 +23,7 @@ from metalearn.data.common import SplitConfig, choose_split
 from metalearn.errors import ConfigError, DataError
 from metalearn.renamed import migrate, renamed_message
 from test_omniglot import SHARED, fake_archive
+from conftest import FAST_SPLIT
 
 NAMES = ["A/c1", "A/c2", "A/c3", "B/c1", "B/c2", "C/c1", "C/c2", "D/c1"]
 
@@ -223,7 +224,7 @@ def test_a_run_saved_before_the_rename_evaluates_and_resumes(cli, trained_run, t
     results = {name: json.loads(next((tmp_path / name).glob("eval*.json")).read_text()) for name in ("new", "old")}
     assert results["old"]["test"] == results["new"]["test"]  # the same data, the same episodes, the same numbers
     resumed = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=True)
-    assert resumed["step"] == 22 and resumed["config"]["data"]["split_sizes"] == [40, 20, 20]
+    assert resumed["step"] == 22 and resumed["config"]["data"]["split_sizes"] == FAST_SPLIT
 
 
 # ---------------------------------------------------------------- data.cache_dir and a read-only data root

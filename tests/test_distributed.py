@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST, cli_env, describe, run_cli, with_overrides
+from conftest import FAST, describe, run_cli, torchrun_cmd, torchrun_env, with_overrides
 
 #: FAST with 4 steps, validation and checkpoints every 2, plain SGD, and an evaluation batch that
 #: gives an uneven number of batches per rank (20 episodes in 5 batches over 2 ranks).
@@ -29,13 +29,8 @@ CONFIG = with_overrides(FAST, "steps=4", "trainer.log_every=2", "trainer.val_eve
                         "optim.name=sgd", "optim.lr=0.1", "optim.momentum=0")
 
 
-def torchrun_cmd(args: list[str], nproc: int = 2) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
-            "-m", "metalearn", *map(str, args)]
-
-
 def run_torchrun(args: list[str], cwd: Path, nproc: int = 2) -> subprocess.CompletedProcess:
-    return subprocess.run(torchrun_cmd(args, nproc), cwd=cwd, env=cli_env(), capture_output=True, text=True,
+    return subprocess.run(torchrun_cmd(args, nproc), cwd=cwd, env=torchrun_env(), capture_output=True, text=True,
                           timeout=300)
 
 
@@ -148,7 +143,7 @@ def _worker_pids(launcher: int) -> dict[int, int]:
 def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(cli, tmp_path):
     args = ["train", *with_overrides(CONFIG, "steps=100000", "trainer.log_every=1", "trainer.val_every=100000",
                                      "trainer.ckpt_every=100000"), "hydra.run.dir=run"]
-    proc = subprocess.Popen(torchrun_cmd(args), cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(torchrun_cmd(args), cwd=tmp_path, env=torchrun_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         log = tmp_path / "run" / "train.log"
@@ -170,7 +165,7 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(cli, tmp_path
 
 
 def run_torchrun_with_fault(args: list[str], cwd: Path, fault: str) -> subprocess.CompletedProcess:
-    return subprocess.run(torchrun_cmd(args), cwd=cwd, env=cli_env(METALEARN_FAULT=fault), capture_output=True,
+    return subprocess.run(torchrun_cmd(args), cwd=cwd, env=torchrun_env(METALEARN_FAULT=fault), capture_output=True,
                           text=True, timeout=300)
 
 

@@ -23,7 +23,7 @@ from metalearn.data import episode_folders, glyphs
 from metalearn.errors import ConfigError, DataError
 from metalearn.evaluation import evaluate_checkpoint
 
-from conftest import FAST, REPO
+from conftest import FAST, FAST_SPLIT, REPO
 
 PROTONET = [*FAST, "algo=protonet", "device=cpu"]
 ACCURACY = re.compile(r"accuracy: ([\d.]+)% \+- ([\d.]+)% \(95% CI, (\d+) episodes\)")
@@ -69,7 +69,7 @@ def evaluations(run, cli, tmp_path_factory) -> dict:
         for i, x in enumerate(images):
             save_png(x, tree / f"class{c}" / f"{i}.png")
     # The run's first 8 test episodes exactly, written as episode folders.
-    test = glyphs.load(glyphs.Config(split_sizes=[40, 20, 20]))["test"]
+    test = glyphs.load(glyphs.Config(split_sizes=FAST_SPLIT))["test"]
     sampler = test.sampler(5, 1, 15, 1, seed=1)  # eval's default seed: trainer.eval_seed + 1
     for e in range(8):
         task = sampler.sample()

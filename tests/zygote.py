@@ -11,6 +11,11 @@ Protocol (conftest.run_cli): one JSON request per line on stdin, {"args", "cwd",
 "rc", "file_size_limit"}; the child's pid is written to the "pid" file, and when it ends its exit status (as
 subprocess reports it: negative for a signal) to the "rc" file, after its CPU seconds to "cpu" beside it. Set METALEARN_TEST_EXEC=1 to run every CLI
 test with a plain ``python -m metalearn`` instead.
+
+torchrun's workers come the same way (tests/zygote_rank.py): torchrun starts ``python zygote_rank.py ARGS``, a
+stdlib-only process that connects to this zygote's socket (argv[1]), hands over its stdin/stdout/stderr and
+environment, and stands in for the forked ``metalearn ARGS`` child: it forwards the signals torchrun sends and ends
+with the child's exit status (the same signal if the child was killed). If it dies first, the child is killed.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from __future__ import annotations
 import json
 import os
 import select
+import signal
+import socket
 import sys
 
 # The heavy third-party imports, done once (nothing of metalearn: each child imports it).
@@ -32,6 +39,8 @@ import torch.utils.tensorboard  # noqa: F401
 import tqdm  # noqa: F401
 
 _pending: dict[int, str] = {}  # child pid -> its rc file
+_ranks: dict[int, socket.socket] = {}  # child pid -> the connection of the zygote_rank.py standing in for it
+_inherited: list[socket.socket] = []  # sockets no child may keep: the listener and every rank connection
 
 
 def _write(path: str, text: str) -> None:
@@ -48,13 +57,20 @@ def _write(path: str, text: str) -> None:
 
 def _reap() -> None:
     """Write the exit status of every child that has ended."""
-    while _pending:
+    while _pending or _ranks:
         try:
             pid, status, usage = os.wait4(-1, os.WNOHANG)
         except ChildProcessError:
             return
         if pid == 0:
             return
+        conn = _ranks.pop(pid, None)
+        if conn is not None:  # a torchrun worker: its stand-in ends with the same status
+            try:
+                conn.sendall(f"{os.waitstatus_to_exitcode(status)}\n".encode())
+            except OSError:
+                pass
+            _close(conn)
         rc = _pending.pop(pid, None)
         if rc is not None:
             # The child's CPU seconds (its own and its waited-for children's): the suite's CPU profile.
@@ -62,12 +78,21 @@ def _reap() -> None:
             _write(rc, str(os.waitstatus_to_exitcode(status)))
 
 
-def _child(request: dict) -> None:
-    """In the forked child: become ``python -m metalearn <args>`` in the request's cwd and environment."""
+def _close(conn: socket.socket) -> None:
+    if conn in _inherited:
+        _inherited.remove(conn)
+    conn.close()
+
+
+def _child(request: dict, fds: list[int] | None = None) -> None:
+    """In the forked child: become ``python -m metalearn <args>`` in the request's cwd and environment, on the
+    stdin/stdout/stderr ``fds`` handed over by a torchrun worker's stand-in, or else on the request's files."""
     import atexit
     import io
     import runpy
 
+    for sock in _inherited:  # another job's pipes or connections kept open here would hang it
+        sock.close()
     os.setpgrp()  # signals sent to the test's process group do not reach the zygote, and back
     if request.get("file_size_limit") is not None:
         import resource
@@ -76,10 +101,14 @@ def _child(request: dict) -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         limit = int(request["file_size_limit"])
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
-    for fd, path in ((1, request["out"]), (2, request["err"])):
-        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
+    if fds is not None:
+        for fd, given in enumerate(fds):
+            os.dup2(given, fd)
+            os.close(given)
+    else:
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+        for fd, path in ((1, request["out"]), (2, request["err"])):
+            os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
     sys.stdin = io.TextIOWrapper(open(0, "rb", closefd=False))
     sys.stdout = io.TextIOWrapper(open(1, "wb", buffering=0, closefd=False), write_through=True, line_buffering=True)
     sys.stderr = io.TextIOWrapper(open(2, "wb", buffering=0, closefd=False), write_through=True, line_buffering=True)
@@ -118,15 +147,62 @@ def _child(request: dict) -> None:
         os._exit(code)
 
 
+def _fork(request: dict, fds: list[int] | None = None) -> int:
+    pid = os.fork()
+    if pid == 0:
+        try:
+            _child(request, fds)
+        except BaseException:  # noqa: BLE001 - set-up failed before metalearn ran: say why
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            os._exit(70)  # never back into this loop, whatever happened
+    for fd in fds or ():
+        os.close(fd)  # the child has them; kept here, they would hold the job's pipes open
+    return pid
+
+
+def _serve_rank(conn: socket.socket) -> None:
+    """A message from a torchrun worker's stand-in: its request (with its three fds), or its end."""
+    try:
+        message, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
+    except OSError:
+        message, fds = b"", []
+    owner = next((pid for pid, c in _ranks.items() if c is conn), None)
+    if not message:  # the stand-in has gone (killed): its child goes too
+        if owner is not None:
+            try:
+                os.killpg(owner, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        else:
+            _close(conn)
+        return
+    pid = _fork(json.loads(message), fds)
+    _ranks[pid] = conn
+    conn.sendall(f"{pid}\n".encode())
+
+
 def main() -> None:
     """Serve requests until stdin closes. One thread only (forking a threaded process is unsafe): the loop
     waits for a request at most 20 ms at a time and reaps ended children in between."""
     torch.set_num_threads(1)  # the CLI tests' setting (conftest.cli_env: OMP_NUM_THREADS=1)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(sys.argv[1])
+    listener.listen(64)
+    _inherited.append(listener)
     buffer = b""
     while True:
-        ready, _, _ = select.select([0], [], [], 0.02)
+        ready, _, _ = select.select([0, *_inherited], [], [], 0.02)
         _reap()
-        if not ready:
+        for sock in ready:
+            if sock is listener:
+                conn, _ = listener.accept()
+                _inherited.append(conn)
+            elif sock != 0 and sock in _inherited:
+                _serve_rank(sock)
+        if 0 not in ready:
             continue
         chunk = os.read(0, 1 << 20)
         if not chunk:
@@ -135,19 +211,11 @@ def main() -> None:
         while b"\n" in buffer:
             line, buffer = buffer.split(b"\n", 1)
             request = json.loads(line)
-            pid = os.fork()
-            if pid == 0:
-                try:
-                    _child(request)
-                except BaseException:  # noqa: BLE001 - set-up failed before metalearn ran: say why
-                    import traceback
-
-                    traceback.print_exc()
-                finally:
-                    os._exit(70)  # never back into this loop, whatever happened
+            pid = _fork(request)
             _pending[pid] = request["rc"]
             _write(request["pid"], str(pid))
-    while _pending:  # stdin closed: the test process is ending; let running children finish
+    listener.close()
+    while _pending or _ranks:  # stdin closed: the test process is ending; let running children finish
         _reap()
         select.select([], [], [], 0.02)
 
