@@ -1,9 +1,11 @@
 """The ``metalearn`` command: ``metalearn <command> [Hydra arguments]``.
 
-``hydra.main`` parses ``sys.argv`` itself, so the dispatcher takes the
-command word off ``sys.argv`` and hands the rest to that command's Hydra app:
-``--help``, ``--cfg job``, ``--info``, ``-m`` and tab completion work as Hydra
-users know them.
+The dispatcher takes the command word off ``sys.argv`` and hands the rest to
+that command's Hydra app: ``--help``, ``--cfg job``, ``--info``, ``-m`` and tab
+completion work as Hydra users know them. Hydra's flags go to ``hydra.main``,
+which parses ``sys.argv`` itself; plain overrides (with or without ``-m``) are
+checked first and run by ``_launch``, which does what ``hydra.main`` does with
+one composition of the config instead of three (about a second per command).
 """
 
 from __future__ import annotations
