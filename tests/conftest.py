@@ -106,6 +106,9 @@ class _Zygote:
             self.proc.stdin.close()
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=120)
+        import shutil
+
+        shutil.rmtree(os.path.dirname(self.socket), ignore_errors=True)  # the socket's folder
 
     def run(self, args: list[str], cwd, env: dict[str, str], timeout: float,
             file_size_limit: int | None) -> subprocess.CompletedProcess:
