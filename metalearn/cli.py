@@ -258,16 +258,14 @@ def _sweep_dir_names(args: list[str]) -> list[str]:
     return [*args, f"hydra.job.config.override_dirname.exclude_keys=[{','.join(keys)}]"]
 
 
-def _precheck(command: str, args: list[str], app=None) -> DictConfig | None:
+def _precheck(command: str, args: list[str], app=None) -> DictConfig:
     """Compose the config once before Hydra runs, to turn its multi-line errors into one line.
 
-    Only plain override lists (plus -m) are checked; every other Hydra flag goes to Hydra as is (None).
+    ``args``: a plain override list, plus -m (Hydra's other flags go to hydra.main unchecked: ``_run_app``).
     Sweeps are checked with the first value of each swept key, and every value of swept groups.
     ``app``: the Hydra instance that will run the command (``_launch``); the config is composed by it, as
     its run would compose it, and returned (with its ``hydra`` node) for a single run to use.
     """
-    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in args):
-        return None
     from hydra import compose
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
@@ -303,13 +301,13 @@ def _precheck(command: str, args: list[str], app=None) -> DictConfig | None:
                     fail(ConfigError(f"unknown {key.lstrip('+~')} {v!r}; choose one of: {', '.join(_choices(group))}"))
         first.append(f"{key}={values[0]}" if o.is_sweep_override() else o.input_line)
     config_name = "config" if command == "train" else "eval"
-    multirun = _multirun(args, parsed)
+    multirun, mode = _run_mode(args, parsed)
     try:
         if app is not None:
             from hydra.types import RunMode
 
-            # Hydra's own composition of the run (hydra.main adds the hydra.mode override)
-            cfg = app.compose_config(config_name, [*first, *_mode_override(multirun, parsed)], run_mode=RunMode.RUN)
+            # Hydra's own composition of the run, with the hydra.mode override hydra.main adds
+            cfg = app.compose_config(config_name, [*first, *mode], run_mode=RunMode.RUN)
         else:
             with confdir.initialized():
                 cfg = compose(config_name, overrides=first, return_hydra_config=True)
@@ -334,20 +332,14 @@ def _precheck(command: str, args: list[str], app=None) -> DictConfig | None:
     return cfg
 
 
-def _multirun(args: list[str], parsed) -> bool:
-    """Whether Hydra runs this command as a sweep: -m, or a hydra.mode=MULTIRUN override (no config file of
-    metalearn's sets hydra.mode; tests/test_cli.py checks it)."""
-    given = [str(o.value()) for o in parsed if o.get_key_element() == "hydra.mode"]
-    return "-m" in args or "--multirun" in args or given[-1:] == ["MULTIRUN"]
-
-
-def _mode_override(multirun: bool, parsed) -> list[str]:
-    """The override hydra.main adds (hydra/_internal/utils.py: _run_app): the mode when none is given, and
-    MULTIRUN under -m whatever is given."""
-    given = [str(o.value()) for o in parsed if o.get_key_element() == "hydra.mode"]
-    if multirun:
-        return [] if given[-1:] == ["MULTIRUN"] else ["hydra.mode=MULTIRUN"]
-    return [] if given else ["hydra.mode=RUN"]
+def _run_mode(args: list[str], parsed) -> tuple[bool, list[str]]:
+    """Whether Hydra runs this command as a sweep (-m, or a hydra.mode=MULTIRUN override: no config file of
+    metalearn's sets hydra.mode, tests/test_cli.py checks it), and the override hydra.main then adds
+    (hydra/_internal/utils.py: _run_app): the mode when none is given, MULTIRUN under -m whatever is given."""
+    given = [str(o.value()) for o in parsed if o.get_key_element() == "hydra.mode"][-1:]
+    if "-m" in args or "--multirun" in args or given == ["MULTIRUN"]:
+        return True, [] if given == ["MULTIRUN"] else ["hydra.mode=MULTIRUN"]
+    return False, [] if given else ["hydra.mode=RUN"]
 
 
 def _leave_hydra() -> None:
@@ -378,7 +370,7 @@ def _launch(command: str, args: list[str]) -> None:
         cfg = _precheck(command, args, app)  # a mistake ends here, in one line
         if cfg.hydra.mode == RunMode.MULTIRUN:
             overrides = [a for a in args if not a.startswith("-")]
-            overrides += _mode_override(True, OverridesParser.create().parse_overrides(overrides))
+            overrides += _run_mode(args, OverridesParser.create().parse_overrides(overrides))[1]
             run_and_report(lambda: app.multirun(config_name=config_name, task_function=task, overrides=overrides))
         else:
             run_and_report(lambda: _run_composed(app, cfg, config_name, task))

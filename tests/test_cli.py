@@ -232,7 +232,7 @@ def test_the_run_records_what_hydra_main_would(trained_run, cli):
     assert hydra_node["overrides"]["hydra"] == [f"hydra.run.dir={trained_run}", "hydra.mode=RUN"]
     assert hydra_node["runtime"]["output_dir"] == str(trained_run)
     assert (trained_run / "train.log").read_text().count(" - step ") >= 4
-    # The mode comes from -m and hydra.mode= alone (cli._multirun): no config file sets it.
+    # The mode comes from -m and hydra.mode= alone (cli._run_mode): no config file sets it.
     for path in (cli.REPO / "conf").rglob("*.yaml"):
         data = yaml.safe_load(path.read_text()) or {}
         assert "mode" not in (data.get("hydra") or {}), path
