@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from metalearn import __version__, confdir, sweeps  # sweeps: the resolvers of conf/hparams_search
 from metalearn.confdir import CONF_DIR
-from metalearn import hostmem
+from metalearn import hostmem, plugins
 
 log = logging.getLogger("metalearn")
 
@@ -177,9 +177,13 @@ def data_command(args: list[str]) -> int:
     from metalearn.data import dataset_module
     from metalearn.errors import MetalearnError
 
+    config_dir, args = _config_dir(args)
     if not args or args[0] not in ("info", "prepare") or any(a.startswith("-") for a in args[1:]):
-        fail("usage: metalearn data info|prepare data=<name> [data.<key>=<value> ...] (no flags, no sweeps)")
+        fail("usage: metalearn data info|prepare data=<name> [data.<key>=<value> ...] [--config-dir DIR] "
+             "(no other flags, no sweeps)")
     action, overrides = args[0], args[1:]
+    if config_dir is not None:  # the user's own data options: as --config-dir adds them to train's search path
+        overrides = [*overrides, f"hydra.searchpath=[file://{Path(config_dir).absolute()}]"]
     _precheck("train", overrides)
     from hydra.errors import HydraException
 
@@ -188,7 +192,7 @@ def data_command(args: list[str]) -> int:
             cfg = to_run_config(compose("config", overrides=overrides)).data
     except HydraException as e:  # e.g. a sweep (a,b), which a data command cannot take
         fail(f"{str(e).splitlines()[0]}; 'metalearn data' takes one value per key, no sweeps")
-    module = dataset_module(cfg.name)
+    module = dataset_module(cfg)
     sources = module.sources(cfg) if hasattr(module, "sources") else []
     print(f"dataset {cfg.name}")
     for path in sources:
@@ -275,11 +279,13 @@ def _precheck(command: str, args: list[str], app=None) -> DictConfig:
     from metalearn.errors import ConfigError, MetalearnError
 
     overrides = [a for a in args if not a.startswith("-")]
-    conf_dir = CONF_DIR
+    config_name = "config" if command == "train" else "eval"
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as e:
         fail(ConfigError(str(e).splitlines()[0].rstrip(".") + "; overrides look like key=value"))
+    searchpath = [o.input_line for o in parsed if o.get_key_element() == "hydra.searchpath"]
+    options = functools.partial(_group_options, app, config_name, searchpath)
     if "-m" not in args and "--multirun" not in args and any(o.get_key_element() == "hparams_search" for o in parsed):
         fail(ConfigError("hparams_search=... is an Optuna search, which runs as a sweep: add -m "
                          "(metalearn train -m hparams_search=<preset> ...)"))
@@ -293,14 +299,12 @@ def _precheck(command: str, args: list[str], app=None) -> DictConfig:
             values = [o.value().start]
         else:
             values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
-        group = conf_dir / key.lstrip("+~")
         # Checked here because Hydra silently skips a misspelt option of an optional group (experiment).
-        if group.is_dir() and not key.startswith("hydra"):
-            for v in values:
-                if isinstance(v, str) and not (group / f"{v}.yaml").is_file():
-                    fail(ConfigError(f"unknown {key.lstrip('+~')} {v!r}; choose one of: {', '.join(_choices(group))}"))
+        choices = options(key.lstrip("+~")) if not key.startswith("hydra") else []
+        for v in values if choices else []:
+            if isinstance(v, str) and v not in choices:
+                fail(ConfigError(f"unknown {key.lstrip('+~')} {v!r}; choose one of: {', '.join(choices)}"))
         first.append(f"{key}={values[0]}" if o.is_sweep_override() else o.input_line)
-    config_name = "config" if command == "train" else "eval"
     multirun, mode = _run_mode(args, parsed)
     try:
         if app is not None:
@@ -313,7 +317,7 @@ def _precheck(command: str, args: list[str], app=None) -> DictConfig:
                 cfg = compose(config_name, overrides=first, return_hydra_config=True)
     except HydraException as e:
         _leave_hydra()  # the error line may compose other configs
-        fail(ConfigError(_hydra_error_line(str(e), conf_dir, config_name, first)))
+        fail(ConfigError(_hydra_error_line(str(e), options, functools.partial(_compose_job, app, config_name), first)))
     except OmegaConfBaseException as e:
         fail(ConfigError(str(e).splitlines()[0]))
     # the checks see the job's config: the hydra node has parts only a running app resolves (hydra.job.num)
@@ -348,7 +352,7 @@ def _leave_hydra() -> None:
     GlobalHydra.instance().clear()
 
 
-def _launch(command: str, args: list[str]) -> None:
+def _launch(command: str, args: list[str], config_dir: str | None = None) -> None:
     """Run ``command``'s Hydra app as ``hydra.main`` does (the same search path, task name, run and multirun),
     without its compositions that repeat the precheck's: hydra.main composes the whole config once to read
     hydra.mode and once more to run. A single run here is composed once, checked, and run on that config
@@ -364,6 +368,11 @@ def _launch(command: str, args: list[str]) -> None:
     config_name = "config" if command == "train" else "eval"
     calling_file, calling_module = detect_calling_file_or_module_from_task_function(task)
     search_path = create_automatic_config_search_path(calling_file, calling_module, str(CONF_DIR))
+    if config_dir is not None:  # where hydra.main puts --config-dir: after metalearn's own conf/
+        from hydra.core.config_search_path import SearchPathQuery
+
+        search_path.prepend(provider="command-line", path=f"file://{Path(config_dir).absolute()}",
+                            anchor=SearchPathQuery(provider="schema"))
     app = run_and_report(lambda: Hydra.create_main_hydra2(task_name=detect_task_name(calling_file, calling_module),
                                                          config_search_path=search_path))
     try:
@@ -432,22 +441,36 @@ def _check_writable(folder: Path | None) -> None:
                           "or set hydra.run.dir=<writable path> (hydra.sweep.dir for -m)") from None
 
 
-def _choices(group: Path) -> list[str]:
-    """The options of a config group: its YAML files, and for Hydra's own groups (hydra/launcher,
-    hydra/sweeper) the ones installed plugins registered."""
-    names = {p.stem for p in group.glob("*.yaml")}
-    parts = group.relative_to(CONF_DIR).parts
-    if parts[:1] == ("hydra",):
-        from hydra.core.config_store import ConfigStore
+def _group_options(app, config_name: str, searchpath: list[str], group: str) -> list[str]:
+    """The options of config group ``group`` (``algo``, ``hydra/launcher``) across Hydra's whole search path:
+    metalearn's conf/, ``--config-dir``, ``hydra.searchpath`` and installed plugins (launchers, sweepers and
+    metalearn plug-ins registered in Hydra's ConfigStore); [] for a key that is not a group."""
+    if "." in group or not group:
+        return []
+    from hydra.core.global_hydra import GlobalHydra
 
-        node = ConfigStore.instance().repo
-        for part in parts:
-            node = node.get(part, {}) if isinstance(node, dict) else {}
-        names |= {k.removesuffix(".yaml") for k, v in node.items() if not isinstance(v, dict)}
-    return sorted(names)
+    if app is not None:
+        return app.config_loader.get_group_options(group, config_name=config_name, overrides=searchpath)
+    with confdir.initialized():
+        return GlobalHydra.instance().config_loader().get_group_options(group, config_name=config_name,
+                                                                          overrides=searchpath)
 
 
-def _hydra_error_line(message: str, conf_dir: Path, config_name: str, overrides: list[str]) -> str:
+def _compose_job(app, config_name: str, overrides: list[str]) -> DictConfig:
+    """The config ``overrides`` compose to, on the search path of ``app`` (or metalearn's own, if None)."""
+    from hydra import compose
+
+    if app is not None:
+        from hydra.types import RunMode
+
+        return app.compose_config(config_name, overrides, run_mode=RunMode.RUN)
+    with confdir.initialized():
+        return compose(config_name, overrides=overrides)
+
+
+def _hydra_error_line(message: str, options, compose_job, overrides: list[str]) -> str:
+    """Hydra's (multi-line) composition error as one line; ``options(group)``: the options of a config group;
+    ``compose_job(overrides)``: a composition on the same search path."""
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     first = lines[0] if lines else message
     if first.startswith("In '") and "Could not find '" in first:
@@ -456,17 +479,14 @@ def _hydra_error_line(message: str, conf_dir: Path, config_name: str, overrides:
         if f"{group}/{option}" in sweeps.EXTRAS:  # a launcher or sweeper plugin that is not installed
             extra = sweeps.EXTRAS[f"{group}/{option}"]
             return f"{group}={option} needs the {extra} extra: pip install \"metalearn[{extra}]\""
-        if (conf_dir / group).is_dir() or group.startswith("hydra/"):
-            return f"unknown {group} {option!r}; choose one of: {', '.join(_choices(conf_dir / group))}"
+        if group.startswith("hydra/") or options(group):
+            return f"unknown {group} {option!r}; choose one of: {', '.join(options(group))}"
     if first.startswith("Could not override '") or first.startswith("Could not append"):
         key = first.split("'", 2)[1]
         group, _, option = key.partition(".")
-        if option and (conf_dir / group).is_dir():
-            from hydra import compose
-
+        if option and options(group):
             rest = [o for o in overrides if not o.lstrip("+~").startswith(f"{group}.")]
-            with confdir.initialized():
-                node = compose(config_name, overrides=rest).get(group)
+            node = compose_job(rest).get(group)
             if node is None:  # metalearn eval: data.* keys belong to a data=<option>
                 return (f"'{key}' sets an option of {group}=<option>, and no {group} is chosen: add {group}=<option> "
                         "(eval scores the run's own data as it was trained; data_root= says where it is now)")
@@ -478,8 +498,10 @@ def _hydra_error_line(message: str, conf_dir: Path, config_name: str, overrides:
                 renamed = renamed_message(node.get("name"), given, set(node))
                 if renamed:
                     return renamed
-            options = ", ".join(k for k in node if k != "name") or "none"
-            return f"{group}={node.name} has no option {option!r}; its options are: {options}"
+            options = ", ".join(k for k in node if k not in ("name", "module")) or "none"
+            hint = (f" (a key of {node.module}'s Config is set here once its YAML lists it, or inherits a built-in's "
+                    "options with a defaults list: README 'Your own method')") if "module" in node else ""
+            return f"{group}={node.name} has no option {option!r}; its options are: {options}{hint}"
         return f"unknown option {key!r}; 'metalearn train --cfg job' shows every option (new keys are not accepted)"
     return first
 
@@ -518,6 +540,7 @@ def main(argv: list[str] | None = None) -> int:
         return _complete(args)
     command, rest = args[0], args[1:]
     hostmem.retain_freed_memory()  # a process setting: freed activations stay for the next task (hostmem.py)
+    plugins.register_configs()  # installed plug-ins are options of their groups (algo=<entry point name>)
     if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):  # a torchrun worker: see metalearn/distributed.py
         from metalearn import distributed, engine
 
@@ -550,15 +573,38 @@ def main(argv: list[str] | None = None) -> int:
     return _run_app(command, rest)
 
 
+def _config_dir(args: list[str]) -> tuple[str | None, list[str]]:
+    """Hydra's ``--config-dir DIR`` (``-cd DIR``, ``--config-dir=DIR``: a folder of the user's own config groups)
+    taken out of ``args``, checked: (the folder or None, the other arguments)."""
+    from metalearn.errors import ConfigError
+
+    folder, rest, words = None, [], iter(args)
+    for a in words:
+        if a in ("--config-dir", "-cd"):
+            folder = next(words, None)
+            if folder is None:
+                fail(ConfigError(f"{a} needs a folder: {a} <folder of your config groups>"))
+        elif a.startswith("--config-dir="):
+            folder = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+    if folder is not None and not Path(folder).is_dir():
+        fail(ConfigError(f"--config-dir {folder}: no such folder (give the folder that holds your algo/, data/, "
+                         "backbone/ ... config groups)"))
+    return folder, rest
+
+
 def _run_app(command: str, rest: list[str]) -> int:
-    args = _sweep_dir_names(rest) if command == "train" else rest
+    config_dir, plain = _config_dir(rest)
+    args = _sweep_dir_names(plain) if command == "train" else plain
     try:
         with sweeps.sweeper_errors_raised(command, rest):
-            if any(a.startswith("-") and a not in ("-m", "--multirun") for a in rest):
-                sys.argv = [sys.argv[0], *args]
+            if any(a.startswith("-") and a not in ("-m", "--multirun") for a in plain):
+                given = ["--config-dir", str(Path(config_dir).absolute())] if config_dir else []
+                sys.argv = [sys.argv[0], *given, *args]
                 APPS[command]()  # Hydra's flags (--help, --cfg, --info ...): hydra.main parses them
             else:
-                _launch(command, args)
+                _launch(command, args, config_dir)
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once, without a checkpoint
         sweeps.report()
         print("metalearn: interrupted", file=sys.stderr)

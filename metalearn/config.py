@@ -12,16 +12,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from metalearn.algorithms import ALGORITHMS, algorithm_module
-from metalearn.data import DATASETS, dataset_module
+from metalearn import plugins
 from metalearn.renamed import check_renamed
 from metalearn.errors import ConfigError
-from metalearn.models import BACKBONES, backbone_module
 
 
 @dataclass
@@ -106,11 +104,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
-GROUPS: dict[str, tuple[dict, Callable]] = {
-    "algo": (ALGORITHMS, algorithm_module),
-    "data": (DATASETS, dataset_module),
-    "backbone": (BACKBONES, backbone_module),
-}
+GROUPS = ("algo", "data", "backbone")
 
 
 def _typed(schema: type, node: Any, where: str) -> Any:
@@ -134,6 +128,18 @@ def _typed(schema: type, node: Any, where: str) -> Any:
         raise ConfigError(f"bad value for {key}: {msg}") from None
 
 
+def typed_group(group: str, node: dict) -> Any:
+    """The typed config of one group option (``algo``, ``data``, ``backbone``): its implementation's ``Config``
+    (built-in, installed or the user's module: metalearn/plugins.py), validated."""
+    plugins.check_node(group, node)
+    plugins.check_object_node(group, node)
+    name = str(node["name"])
+    path = plugins.source(group, name, node.get("module"))
+    if plugins.is_builtin(group, name, path):
+        node = {k: v for k, v in node.items() if k != "module"}
+    return _typed(plugins.schema(group, name, path), node, group)
+
+
 def to_run_config(cfg: DictConfig | dict) -> RunConfig:
     """Validate a composed config (or a saved one) and return it typed."""
     cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
@@ -146,14 +152,11 @@ def to_run_config(cfg: DictConfig | dict) -> RunConfig:
     if paper is not None:  # checked here (a typo fails before any work), then left out: see PaperConfig
         check_paper(_typed(PaperConfig, paper, "paper"))
     groups = {}
-    for group, (registry, module_of) in GROUPS.items():
+    for group in GROUPS:
         node = container.pop(group, None)
         if not isinstance(node, dict) or "name" not in node:
-            raise ConfigError(f"no {group} chosen; pick one with {group}=<{'|'.join(registry)}>")
-        name = node["name"]
-        if name not in registry:
-            raise ConfigError(f"unknown {group} {name!r}; choose one of: {', '.join(registry)}")
-        groups[group] = _typed(module_of(name).Config, node, f"{group}")
+            raise ConfigError(f"no {group} chosen; pick one with {group}=<{'|'.join(plugins.names(group))}>")
+        groups[group] = typed_group(group, node)
     run = _typed(RunConfig, container, "")
     for group, value in groups.items():
         setattr(run, group, value)

@@ -10,6 +10,7 @@ made to wait for the host inside the loop.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import signal
@@ -23,7 +24,7 @@ from typing import Any, Callable, Iterator
 import torch
 from tqdm import tqdm
 
-from metalearn import __version__, checkpoint, distributed, faults
+from metalearn import __version__, checkpoint, distributed, faults, plugins
 from metalearn.algorithms import ALGORITHMS, Algorithm, ProblemInfo, algorithm_module
 from metalearn.config import RunConfig, flat, to_dict
 from metalearn.data import ClassStore, TaskBatch, dataset_module
@@ -77,7 +78,7 @@ def autocast(device: torch.device, precision: str):
 def load_data(cfg: RunConfig, device: torch.device) -> dict[str, ClassStore]:
     """The train/val/test task sources of ``cfg.data``, checked against the episode shapes, with
     their input transforms (``data.normalize``, ``data.augment``) set, on ``device`` if asked."""
-    stores = dataset_module(cfg.data.name).load(cfg.data)
+    stores = dataset_module(cfg.data).load(cfg.data)
     if "train" not in stores:  # data=episodes: fixed test episodes, nothing to train on
         raise ConfigError(f"data={cfg.data.name} has no training split (only {', '.join(stores)}); train on another "
                           f"dataset and score the run on this one: metalearn eval run=<run dir> data={cfg.data.name} ...")
@@ -127,9 +128,16 @@ def from_problem_record(record: dict) -> tuple[ProblemInfo, EpisodeTransform | N
 def build_algorithm(cfg: RunConfig, train: ClassStore | ProblemInfo) -> Algorithm:
     """The algorithm of ``cfg`` for the training split ``train`` (or what a checkpoint recorded of it)."""
     info = train if isinstance(train, ProblemInfo) else problem_info(cfg, train)
-    backbone = backbone_module(cfg.backbone.name).build(cfg.backbone, info.input_shape)
+    backbone = backbone_module(cfg.backbone).build(cfg.backbone, info.input_shape)
     ops.use_cpu_kernels(backbone, cfg.device.cpu_kernels)  # exact | fast (models/ops.py)
-    algo = algorithm_module(cfg.algo.name).build(cfg.algo, backbone, info)
+    return check_algorithm(cfg, info, algorithm_module(cfg.algo).build(cfg.algo, backbone, info))
+
+
+def check_algorithm(cfg: RunConfig, info: ProblemInfo, algo: Algorithm) -> Algorithm:
+    """``algo`` (built from ``cfg`` or by the user), checked against the problem and the episode shapes."""
+    if not isinstance(algo, Algorithm):
+        raise ConfigError(f"the algorithm is a {type(algo).__name__}, not a metalearn Algorithm; subclass "
+                          "metalearn.algorithms.Algorithm (meta_step and evaluate)")
     if info.task not in algo.tasks:
         able = [name for name in ALGORITHMS if info.task in _algorithm_tasks(name)]
         raise ConfigError(f"algo={cfg.algo.name} learns {' and '.join(algo.tasks)} tasks only, and data={cfg.data.name} "
@@ -233,7 +241,8 @@ def score_checkpoint(algo: Algorithm, path: Path, cfg: RunConfig, test_store: Cl
     metrics = evaluate(algo, test_store, e.ways, e.shots, e.queries, cfg.trainer.test_episodes, e.batch_size, seed,
                        device, between_batches=between_batches, group=group, precision=cfg.device.precision)
     return {"test": metrics, "checkpoint": str(path), "checkpoint_step": ckpt["step"],
-            "episode": {"ways": e.ways, "shots": e.shots, "queries": e.queries, "task": test_store.task}, "seed": seed}
+            "episode": {"ways": e.ways, "shots": e.shots, "queries": e.queries, "task": test_store.task},
+            "episode_seed": seed}  # what fixed the test episodes (trainer.eval_seed + 1), not the run's seed
 
 
 @contextlib.contextmanager
@@ -309,7 +318,12 @@ class _Window:
 class Trainer:
     """One run: the loop and its state. ``fit()`` trains, validates, checkpoints and tests."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, resume_from: dict | None = None):
+    def __init__(self, cfg: RunConfig, run_dir: Path, resume_from: dict | None = None,
+                 algorithm: Algorithm | None = None):
+        """``algorithm``: an algorithm the user built in Python, trained instead of building ``cfg.algo``; the
+        checkpoints record its class (``algo.object``), not a config it was not built from."""
+        if algorithm is not None:
+            cfg = dataclasses.replace(cfg, algo=plugins.object_record(algorithm))
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.group = distributed.current()  # one process, or this rank of a torchrun job
@@ -319,7 +333,9 @@ class Trainer:
         seed_everything(cfg.seed)
         self.stores = self.group.main_first(lambda: load_data(cfg, self.device))  # one process builds caches
         # Rank 0 first: a mistake in the config is then reported once, by rank 0.
-        self.algo = self.group.main_first(lambda: build_algorithm(cfg, self.stores["train"])).to(self.device)
+        build = (lambda: build_algorithm(cfg, self.stores["train"])) if algorithm is None else \
+            (lambda: check_algorithm(cfg, problem_info(cfg, self.stores["train"]), algorithm))
+        self.algo = self.group.main_first(build).to(self.device)
         self.group.broadcast_module(self.algo)
         self.problem = problem_record(cfg, self.stores["train"])  # in every checkpoint, for metalearn eval
         if self.group.is_main:
@@ -512,9 +528,9 @@ class Trainer:
             raise self._stopped(" during validation") from None
 
 
-def train(cfg: RunConfig, run_dir: Path, resume_from: dict | None = None) -> dict:
+def train(cfg: RunConfig, run_dir: Path, resume_from: dict | None = None, algorithm: Algorithm | None = None) -> dict:
     """Meta-train, validate, checkpoint and test. Returns the results written to results.json."""
-    return Trainer(cfg, run_dir, resume_from).fit()
+    return Trainer(cfg, run_dir, resume_from, algorithm).fit()
 
 
 def _fmt(m: dict[str, float]) -> str:

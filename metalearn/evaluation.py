@@ -66,7 +66,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     info, transform, trained_on = _trained_problem(ckpt, own, path, loaded)
     if fixed:
         run_cfg.data = _episode_image_options(run_cfg.data, info, path)
-    stores = loaded if loaded and not other else dataset_module(run_cfg.data.name).load(run_cfg.data)
+    stores = loaded if loaded and not other else dataset_module(run_cfg.data).load(run_cfg.data)
     store = _one_split(stores, split, run_cfg.data.name)
     del stores, loaded  # only the scored split stays
     _check_fits(store, info, run_cfg, trained_on, path)
@@ -141,7 +141,7 @@ def _trained_problem(ckpt: dict, own: RunConfig, path: Path, loaded: dict) -> tu
         return info, transform, record.get("data", own.data.name)
     # Written before checkpoints recorded it: rebuilt from the training split of the run's own data.
     try:
-        loaded.update(dataset_module(own.data.name).load(own.data))
+        loaded.update(dataset_module(own.data).load(own.data))
     except MetalearnError as e:
         raise type(e)(f"{path} predates checkpoints that record their training problem, so the run's own data "
                       f"(data={own.data.name}) is needed to rebuild the model: {e}") from None

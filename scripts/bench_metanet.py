@@ -110,7 +110,7 @@ def build_sides(a, store) -> dict:
     if a.before:
         cfg = run_config(a, "metanet")
         info = problem_info(cfg, store)
-        backbone = backbone_module(cfg.backbone.name).build(cfg.backbone, info.input_shape)
+        backbone = backbone_module(cfg.backbone).build(cfg.backbone, info.input_shape)
         before = load_before(a.before).build(cfg.algo, backbone, info)
         before.load_state_dict(sides["metanet"].state_dict())
         sides["metanet_before"] = before

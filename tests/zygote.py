@@ -115,7 +115,8 @@ def _child(request: dict, fds: list[int] | None = None) -> None:
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
-    sys.path[0] = os.getcwd()  # what ``python -m`` puts first
+    sys.path[0] = os.getcwd()  # what ``python -m`` puts first, then PYTHONPATH's folders
+    sys.path[1:1] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
     sys.argv = ["metalearn", *request["args"]]
     code = 0
     try:

@@ -1,36 +1,22 @@
 """Algorithms. Each is one module with a ``Config`` dataclass and
-``build(cfg, backbone, info) -> Algorithm``; add a line here to register one."""
+``build(cfg, backbone, info) -> Algorithm``; the built-ins are listed in metalearn/plugins.py (BUILTINS), your own come from there too."""
 
 from __future__ import annotations
 
-import importlib
 from types import ModuleType
 
 from metalearn.algorithms.base import Algorithm, ProblemInfo
+from metalearn.plugins import BUILTINS
 
-ALGORITHMS = {
-    "maml": "metalearn.algorithms.maml",
-    "protonet": "metalearn.algorithms.protonet",
-    "reptile": "metalearn.algorithms.reptile",
-    "metasgd": "metalearn.algorithms.metasgd",
-    "anil": "metalearn.algorithms.anil",
-    "matchingnet": "metalearn.algorithms.matchingnet",
-    "relationnet": "metalearn.algorithms.relationnet",
-    "siamese": "metalearn.algorithms.siamese",
-    "baseline": "metalearn.algorithms.baseline",
-    "baseline_pp": "metalearn.algorithms.baseline_pp",
-    "mamlpp": "metalearn.algorithms.mamlpp",
-    "r2d2": "metalearn.algorithms.r2d2",
-    "metaoptnet_svm": "metalearn.algorithms.metaoptnet_svm",
-    "leo": "metalearn.algorithms.leo",
-    "metanet": "metalearn.algorithms.metanet",
-    "snail": "metalearn.algorithms.snail",
-    "mann": "metalearn.algorithms.mann",
-}
+ALGORITHMS = BUILTINS["algo"]  # name -> module; the table is metalearn/plugins.py's
 
 
-def algorithm_module(name: str) -> ModuleType:
-    return importlib.import_module(ALGORITHMS[name])
+def algorithm_module(option) -> ModuleType:
+    """The module of an algorithm: a built-in or installed name, or a typed ``algo`` config (which may name the
+    user's own module: metalearn/plugins.py)."""
+    from metalearn.plugins import module_of
+
+    return module_of("algo", option)
 
 
 __all__ = ["ALGORITHMS", "Algorithm", "ProblemInfo", "algorithm_module"]

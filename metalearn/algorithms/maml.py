@@ -52,6 +52,7 @@ from metalearn.errors import ConfigError
 from metalearn.models.functional import BatchedForward, task_batched_forward
 
 BATCHED = ("auto", "loop", "fold")
+HOOKS = ("inner_update", "inner_loss", "outer_loss", "adapt_task")
 
 
 @dataclass
@@ -203,6 +204,66 @@ class MAML(Algorithm):
         self._batched_forward = forward
         #: checkpoint the inner steps (second order): memory flat in inner_steps, one more forward per step
         self.recompute = bool(getattr(cfg, "checkpoint_inner", False))
+        #: a subclass that overrides a hook (inner_update, inner_loss, outer_loss) runs the plain per-task loop
+        #: through its hooks; MAML's own fast paths stay as measured for the default rule.
+        self.hooked = any(getattr(type(self), h) is not getattr(MAML, h) for h in HOOKS)
+        if self.hooked:
+            self._batched_forward = None
+
+    # ------------------------------------------------------------ hooks: subclass these instead of copying maml.py
+
+    def inner_loss(self, outputs: torch.Tensor, targets: torch.Tensor, params: dict) -> torch.Tensor:
+        """The loss of one task's support set that the inner loop descends (``params``: the current weights,
+        for a regulariser)."""
+        return self.objective.loss(outputs, targets)
+
+    def outer_loss(self, outputs: torch.Tensor, targets: torch.Tensor, params: dict) -> torch.Tensor:
+        """The meta-loss of one task's query set at its adapted weights ``params``."""
+        return self.objective.loss(outputs, targets)
+
+    def inner_update(self, params: dict, grads: dict, step: int, state: dict) -> dict:
+        """One inner step of one task: the new weights from the weights and the inner loss's gradients.
+        ``step`` counts from 0; ``state`` is a dict kept across the steps of this task's adaptation (an inner
+        optimiser's moments). Differentiable: second-order MAML backpropagates through it."""
+        lr = self.inner_lr()
+        return {k: p - (lr[k] if isinstance(lr, dict) else lr) * grads[k] for k, p in params.items()}
+
+    def adapt_task(self, x: torch.Tensor, y: torch.Tensor, params: dict, steps: int, create_graph: bool) -> dict:
+        """``steps`` inner steps of one task through the hooks."""
+        state: dict = {}
+        for step in range(steps):
+            loss = self.inner_loss(functional_call(self.net, params, (x,)), y, params)
+            grads = torch.autograd.grad(loss, tuple(params.values()), create_graph=create_graph)
+            params = self.inner_update(params, dict(zip(params, grads)), step, state)
+        return params
+
+    def _meta_step_hooked(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
+        params = dict(self.net.named_parameters())
+        per_task: dict[str, list[torch.Tensor]] = {}
+        for t in range(batch.num_tasks):
+            adapted = self.adapt_task(batch.support_x[t], batch.support_y[t], params, self.cfg.inner_steps,
+                                      create_graph=not self.cfg.first_order)
+            outputs = functional_call(self.net, adapted, (batch.query_x[t],))
+            loss = self.outer_loss(outputs, batch.query_y[t], adapted)
+            (loss / batch.num_tasks).backward()
+            for k, v in self.objective.metrics(outputs, batch.query_y[t], loss).items():
+                per_task.setdefault(k, []).append(v)
+        return {k: torch.stack(v) for k, v in per_task.items()}
+
+    def _evaluate_hooked(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
+        params = {k: p.detach().requires_grad_() for k, p in self.net.named_parameters()}
+        per_task: dict[str, list[torch.Tensor]] = {}
+        for t in range(batch.num_tasks):
+            with torch.enable_grad():
+                adapted = self.adapt_task(batch.support_x[t], batch.support_y[t], params, self.cfg.test_inner_steps,
+                                          create_graph=False)
+            with torch.no_grad():
+                adapted = {k: v.detach() for k, v in adapted.items()}
+                outputs = functional_call(self.net, adapted, (batch.query_x[t],))
+                loss = self.outer_loss(outputs, batch.query_y[t], adapted)
+            for k, v in self.objective.metrics(outputs, batch.query_y[t], loss).items():
+                per_task.setdefault(k, []).append(v)
+        return {k: torch.stack(v) for k, v in per_task.items()}
 
     def check_episode(self, ways: int, shots: int, queries: int) -> None:
         if self.objective.task == "classification" and ways != self.ways:
@@ -228,6 +289,8 @@ class MAML(Algorithm):
         return self.cfg.batched == "fold" or batch.support_x.device.type != "cpu" or _vectors(batch)
 
     def meta_step(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
+        if self.hooked:
+            return self._meta_step_hooked(batch)
         if self.folds(batch):
             return self._meta_step_folded(batch)
         params, lr = dict(self.net.named_parameters()), self.inner_lr()
@@ -263,6 +326,8 @@ class MAML(Algorithm):
         return {k: torch.cat(v) for k, v in per_chunk.items()}
 
     def evaluate(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
+        if self.hooked:
+            return self._evaluate_hooked(batch)
         if self.folds(batch):
             return finetune_and_score_tasks(self._batched_forward, self.net, batch, self.cfg.test_inner_steps,
                                             self.inner_lr(detach=True), self.objective, self.task_chunk(batch))

@@ -93,7 +93,7 @@ def sources(cfg: Config) -> list[Path]:
 
     path, _, trained = _checkpoint(cfg)
     source = _source_config(cfg, trained)
-    module = dataset_module(source.name)
+    module = dataset_module(source)
     return [path, *(module.sources(source) if hasattr(module, "sources") else [])]
 
 
@@ -192,7 +192,7 @@ def _source_signature(source: Any) -> list:
     when it lists no file (a folder that the loader extracts next to its archive does not count)."""
     from metalearn.data import dataset_module
 
-    module = dataset_module(source.name)
+    module = dataset_module(source)
     paths = [Path(p) for p in (module.sources(source) if hasattr(module, "sources") else [])]
     files = [p for p in paths if p.is_file()]
     if not files:
@@ -207,12 +207,12 @@ def _extract(cfg: Config, ckpt: dict, trained: Any, source: Any) -> dict:
     from metalearn.engine import resolve_device
     from metalearn.models import backbone_module
 
-    stores = dataset_module(source.name).load(source)
+    stores = dataset_module(source).load(source)
     if stores["train"].task != "classification":
         raise ConfigError(f"data.source={source.name} gives {stores['train'].task} tasks, not images to embed")
     _, transform = episode_transforms(source, stores["train"])
     device = resolve_device(cfg.device)
-    backbone = backbone_module(trained.backbone.name).build(trained.backbone, stores["train"].input_shape)
+    backbone = backbone_module(trained.backbone).build(trained.backbone, stores["train"].input_shape)
     state = {k.removeprefix("backbone."): v for k, v in ckpt["model"].items() if k.startswith("backbone.")}
     try:
         backbone.load_state_dict(state)

@@ -1,0 +1,225 @@
+"""The Python API: what ``metalearn train`` and ``metalearn eval`` do, from a notebook or a script.
+
+    import metalearn
+
+    cfg = metalearn.compose(["algo=protonet", "data=glyphs", "steps=500"])   # the CLI's config, interpolations kept
+    run = metalearn.train(cfg)                                               # -> Run (results, run_dir)
+    print(run.accuracy, run.ci95)
+    result = metalearn.evaluate(run.run_dir, shots=5)                         # other episode shapes
+    algo = metalearn.load(run.run_dir)                                        # the trained Algorithm
+    for batch in metalearn.episodes("glyphs", ways=5, shots=1, queries=15):  # TaskBatch, forever
+        ...
+
+Configs are composed by Hydra's compose API from metalearn's ``conf/`` (plus ``config_dir=``, the folder of
+your own config groups, as ``--config-dir`` on the command line), so a config here is the one the CLI would
+run. Errors are ``metalearn.errors.MetalearnError`` exceptions whose message is the CLI's one line.
+A run directory written here has what ``metalearn report``, ``eval`` and ``train resume=`` read
+(``.hydra/config.yaml``, ``.hydra/overrides.yaml``, ``train.log``, TensorBoard events, checkpoints,
+``results.json``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from metalearn import confdir, plugins
+from metalearn.errors import ConfigError
+
+log = logging.getLogger("metalearn")
+
+
+def _searchpath(overrides: Sequence[str], config_dir: str | Path | None) -> list[str]:
+    overrides = list(overrides)
+    if config_dir is None:
+        return overrides
+    folder = Path(config_dir).expanduser().absolute()
+    if not folder.is_dir():
+        raise ConfigError(f"config_dir={config_dir}: no such folder (give the folder that holds your algo/, data/, "
+                          "backbone/ ... config groups)")
+    return [*overrides, f"hydra.searchpath=[file://{folder}]"]
+
+
+def _compose(config_name: str, overrides: Sequence[str]) -> DictConfig:
+    from hydra import compose as hydra_compose
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    plugins.register_configs()
+    try:
+        with confdir.initialized():
+            return hydra_compose(config_name, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(str(e).strip().splitlines()[0]) from None
+
+
+def compose(overrides: Sequence[str] = (), config_dir: str | Path | None = None) -> DictConfig:
+    """The config ``metalearn train *overrides`` runs (``eval.shots: ${shots}`` and the other interpolations kept),
+    checked: a mistake raises the CLI's one-line ConfigError. Change it as any DictConfig before ``train``."""
+    from metalearn.config import to_run_config
+
+    cfg = _compose("config", _searchpath(overrides, config_dir))
+    to_run_config(cfg)
+    return cfg
+
+
+@dataclasses.dataclass
+class Run:
+    """A finished training run: its directory, typed config and ``results.json``."""
+
+    run_dir: Path
+    config: Any  # metalearn.config.RunConfig
+    results: dict
+
+    @property
+    def metric(self) -> str:
+        return self.results["best_val"]["metric"]
+
+    @property
+    def accuracy(self) -> float:
+        """Mean test accuracy (classification runs)."""
+        return self.results["test"]["accuracy"]["mean"]
+
+    @property
+    def ci95(self) -> float:
+        """95% CI half-width of the test metric."""
+        return self.results["test"][self.metric]["ci95"]
+
+    def load(self, checkpoint: str = "best", algorithm: Any = None):
+        return load(self.run_dir, checkpoint, algorithm)
+
+    def evaluate(self, **options: Any) -> dict:
+        return evaluate(self.run_dir, **options)
+
+
+def _notebook_logging(run_dir: Path) -> list[logging.Handler]:
+    """Log lines to the console (a notebook shows stderr) unless the user configured logging, and to
+    ``run_dir/train.log`` as the CLI does."""
+    handlers: list[logging.Handler] = []
+    fmt = logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    if not log.handlers and not logging.getLogger().handlers:
+        console = logging.StreamHandler(sys.stderr)
+        console.setFormatter(fmt)
+        handlers.append(console)
+    file = logging.FileHandler(run_dir / "train.log")
+    file.setFormatter(fmt)
+    handlers.append(file)
+    for h in handlers:
+        log.addHandler(h)
+    if log.level == logging.NOTSET or log.level > logging.INFO:
+        log.setLevel(logging.INFO)
+    return handlers
+
+
+def train(config: DictConfig | Sequence[str] | None = None, run_dir: str | Path | None = None,
+          algorithm: Any = None, config_dir: str | Path | None = None) -> Run:
+    """Meta-train, validate, checkpoint and test, as ``metalearn train`` does; returns the Run.
+
+    ``config``: a composed config (``compose``) or a list of overrides; ``run_dir``: where the run is written
+    (default ``outputs/<date>/<time>`` under the working directory); ``algorithm``: an Algorithm object built in
+    Python, trained instead of ``config.algo`` (its class is recorded in the checkpoints; ``load(run_dir,
+    algorithm=...)`` loads its weights back)."""
+    from metalearn import engine
+    from metalearn.config import to_run_config
+
+    overrides: list[str] = []
+    if config is None or not isinstance(config, DictConfig):
+        overrides = list(config or [])
+        config = compose(overrides, config_dir)
+    run_cfg = to_run_config(config)
+    if run_cfg.resume is not None:
+        raise ConfigError("resume= is a command-line option: metalearn train resume=<run dir>")
+    now = datetime.datetime.now()
+    run_dir = Path(run_dir) if run_dir is not None else Path("outputs") / f"{now:%Y-%m-%d}" / f"{now:%H-%M-%S-%f}"
+    hydra_dir = run_dir / ".hydra"
+    hydra_dir.mkdir(parents=True, exist_ok=True)
+    job = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+    from metalearn.fileio import atomic_write_text
+
+    atomic_write_text(hydra_dir / "config.yaml", OmegaConf.to_yaml(job, resolve=False))
+    atomic_write_text(hydra_dir / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(overrides)))
+    handlers = _notebook_logging(run_dir)
+    try:
+        results = engine.train(run_cfg, run_dir, algorithm=algorithm)
+    finally:
+        for h in handlers:
+            log.removeHandler(h)
+            h.close()
+    return Run(run_dir=run_dir, config=run_cfg, results=results)
+
+
+def evaluate(run_dir: str | Path, checkpoint: str = "best", **options: Any) -> dict:
+    """Score a run's checkpoint as ``metalearn eval run=<run_dir>`` does: ``options`` are eval's keys (``ways``,
+    ``shots``, ``queries``, ``episodes``, ``seed``, ``split``, ``data`` ...), values as Python values. Returns
+    the results (also written beside the run as ``eval-*.json``)."""
+    from metalearn.evaluation import evaluate_checkpoint
+
+    overrides = [f"run={Path(run_dir).absolute()}", f"checkpoint={checkpoint}"]
+    for key, value in options.items():
+        overrides.append(f"{key}={_literal(value)}")
+    return evaluate_checkpoint(_compose("eval", overrides))
+
+
+def _literal(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_literal(v) for v in value) + "]"
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return str(value)
+
+
+def load(run_dir: str | Path, checkpoint: str = "best", algorithm: Any = None):
+    """The trained Algorithm of a run (or a checkpoint file), on the CPU, in eval mode. Its inputs are what the
+    run's episodes gave it (normalised as ``algo.input_transform`` says, None: unnormalised). ``algorithm``: an
+    object of the same kind to load the weights into (needed for runs of an algorithm built in Python)."""
+    from metalearn import checkpoint as checkpoints
+    from metalearn import engine
+    from metalearn.config import to_run_config
+    from metalearn.renamed import migrate
+
+    path = checkpoints.find(run_dir, checkpoint)
+    ckpt = checkpoints.load(path)
+    record = ckpt.get("problem")
+    if record is None:
+        raise ConfigError(f"{path} predates checkpoints that record their training problem; score it with "
+                          f"metalearn eval run=<run dir>")
+    info, transform = engine.from_problem_record(record)
+    if algorithm is None:
+        stored = ckpt["config"]
+        migrate(stored)
+        algorithm = engine.build_algorithm(to_run_config(stored), info)
+    checkpoints.load_model_state(algorithm, ckpt["model"], path)
+    algorithm.input_transform = transform
+    return algorithm.eval()
+
+
+def episodes(data: str = "glyphs", ways: int = 5, shots: int = 1, queries: int = 15, split: str = "train",
+             batch_size: int = 1, seed: int = 0, overrides: Sequence[str] = (),
+             config_dir: str | Path | None = None) -> Iterator[Any]:
+    """Episodes of a dataset, as the trainer samples them: an endless iterator of TaskBatch
+    (``support_x [B, N*K, ...]``, ``support_y``, ``query_x [B, N*Q, ...]``, ``query_y``; labels 0..N-1 per episode),
+    normalised as a run on that data would be. ``overrides``: the dataset's keys (``data.root=...``)."""
+    from metalearn.config import to_run_config
+    from metalearn.data import dataset_module
+    from metalearn.data.common import episode_transforms
+
+    cfg = to_run_config(_compose("config", _searchpath([f"data={data}", *overrides], config_dir)))
+    stores = dataset_module(cfg.data).load(cfg.data)
+    if split not in stores:
+        raise ConfigError(f"data={data} has no {split} split (it has: {', '.join(stores)})")
+    train_transform, eval_transform = episode_transforms(cfg.data, stores["train"]) if "train" in stores else (None, None)
+    store = stores[split]
+    store.train_transform = train_transform if split == "train" else eval_transform
+    store.eval_transform = eval_transform
+    store.check_episode(split, ways, shots, queries)
+    sampler = store.sampler(ways, shots, queries, batch_size, seed, training=split == "train")
+    while True:
+        yield sampler.sample()
