@@ -10,6 +10,7 @@ one composition of the config instead of three (about a second per command).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -36,6 +37,7 @@ COMMANDS = {
     "data": "'data info data=<name>': what is on disk; 'data prepare data=<name>': download and cache it",
     "report": "'report <run or sweep dir>': compare runs (seeds aggregated): report.md, report.csv, plots",
     "reproduce": "'reproduce experiment=<preset>,...' or 'reproduce --from DIR': paper figure vs measured, one table",
+    "new": "'new algo|backbone|data NAME [--dir DIR]': a working template of your own (module, YAML, test)",
 }
 
 USAGE = f"""usage: metalearn <command> [key=value ...] [hydra flags]
@@ -262,13 +264,13 @@ def _sweep_dir_names(args: list[str]) -> list[str]:
     return [*args, f"hydra.job.config.override_dirname.exclude_keys=[{','.join(keys)}]"]
 
 
-def _precheck(command: str, args: list[str], app=None) -> DictConfig:
+def _precheck(command: str, args: list[str]) -> DictConfig:
     """Compose the config once before Hydra runs, to turn its multi-line errors into one line.
 
-    ``args``: a plain override list, plus -m (Hydra's other flags go to hydra.main unchecked: ``_run_app``).
+    ``args``: a plain override list, plus -m (Hydra's other flags go to hydra.main: ``_run_app``).
     Sweeps are checked with the first value of each swept key, and every value of swept groups.
-    ``app``: the Hydra instance that will run the command (``_launch``); the config is composed by it, as
-    its run would compose it, and returned (with its ``hydra`` node) for a single run to use.
+    Composed with Hydra's compose API on metalearn's configs (and ``hydra.searchpath``), with the hydra.mode
+    override hydra.main adds, and returned with its ``hydra`` node: a single run runs on it (``_launch``).
     """
     from hydra import compose
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -285,7 +287,7 @@ def _precheck(command: str, args: list[str], app=None) -> DictConfig:
     except HydraException as e:
         fail(ConfigError(str(e).splitlines()[0].rstrip(".") + "; overrides look like key=value"))
     searchpath = [o.input_line for o in parsed if o.get_key_element() == "hydra.searchpath"]
-    options = functools.partial(_group_options, app, config_name, searchpath)
+    options = functools.partial(_group_options, config_name, searchpath)
     if "-m" not in args and "--multirun" not in args and any(o.get_key_element() == "hparams_search" for o in parsed):
         fail(ConfigError("hparams_search=... is an Optuna search, which runs as a sweep: add -m "
                          "(metalearn train -m hparams_search=<preset> ...)"))
@@ -307,17 +309,10 @@ def _precheck(command: str, args: list[str], app=None) -> DictConfig:
         first.append(f"{key}={values[0]}" if o.is_sweep_override() else o.input_line)
     multirun, mode = _run_mode(args, parsed)
     try:
-        if app is not None:
-            from hydra.types import RunMode
-
-            # Hydra's own composition of the run, with the hydra.mode override hydra.main adds
-            cfg = app.compose_config(config_name, [*first, *mode], run_mode=RunMode.RUN)
-        else:
-            with confdir.initialized():
-                cfg = compose(config_name, overrides=first, return_hydra_config=True)
+        with _hydra_initialized():
+            cfg = compose(config_name, overrides=[*first, *mode], return_hydra_config=True)
     except HydraException as e:
-        _leave_hydra()  # the error line may compose other configs
-        fail(ConfigError(_hydra_error_line(str(e), options, functools.partial(_compose_job, app, config_name), first)))
+        fail(ConfigError(_hydra_error_line(str(e), options, functools.partial(_compose_job, config_name), first)))
     except OmegaConfBaseException as e:
         fail(ConfigError(str(e).splitlines()[0]))
     # the checks see the job's config: the hydra node has parts only a running app resolves (hydra.job.num)
@@ -346,63 +341,103 @@ def _run_mode(args: list[str], parsed) -> tuple[bool, list[str]]:
     return False, [] if given else ["hydra.mode=RUN"]
 
 
-def _leave_hydra() -> None:
+def _compose_job(config_name: str, overrides: list[str]) -> DictConfig:
+    from hydra import compose
+
+    with _hydra_initialized():
+        return compose(config_name, overrides=overrides)
+
+
+@contextlib.contextmanager
+def _hydra_initialized():
+    """Hydra's compose API on metalearn's configs, unless a caller has it initialized already."""
     from hydra.core.global_hydra import GlobalHydra
 
-    GlobalHydra.instance().clear()
+    if GlobalHydra.instance().is_initialized():
+        yield
+    else:
+        with confdir.initialized():
+            yield
 
 
 def _launch(command: str, args: list[str], config_dir: str | None = None) -> None:
-    """Run ``command``'s Hydra app as ``hydra.main`` does (the same search path, task name, run and multirun),
-    without its compositions that repeat the precheck's: hydra.main composes the whole config once to read
-    hydra.mode and once more to run. A single run here is composed once, checked, and run on that config
-    (``_run_composed``); a sweep is checked on its first values, then composed by Hydra's multirun."""
-    from hydra._internal.hydra import Hydra
-    from hydra._internal.utils import (create_automatic_config_search_path,
-                                       detect_calling_file_or_module_from_task_function, detect_task_name,
-                                       run_and_report)
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.types import RunMode
-
+    """Run ``command``'s Hydra app on plain overrides (and -m), through Hydra's public API. A single run is
+    composed once (the precheck's composition, by the compose API) and run on that config (``_run_composed``),
+    where ``hydra.main`` would compose it twice more; a sweep is checked on its first values, then run by
+    ``hydra.main`` (Hydra's multirun, launchers and sweepers)."""
+    overrides = _with_searchpath(args, config_dir)
+    if _run_mode(args, _parsed(overrides))[0]:
+        _precheck(command, overrides)  # a mistake ends here, in one line
+        given = ["--config-dir", str(Path(config_dir).absolute())] if config_dir else []
+        sys.argv = [sys.argv[0], *given, *args]
+        APPS[command]()
+        return
     task = APPS[command].__wrapped__  # the function under @hydra.main
-    config_name = "config" if command == "train" else "eval"
-    calling_file, calling_module = detect_calling_file_or_module_from_task_function(task)
-    search_path = create_automatic_config_search_path(calling_file, calling_module, str(CONF_DIR))
-    if config_dir is not None:  # where hydra.main puts --config-dir: after metalearn's own conf/
-        from hydra.core.config_search_path import SearchPathQuery
+    with confdir.initialized():
+        cfg = _precheck(command, overrides)  # a mistake ends here, in one line
+        _run_composed(cfg, "config" if command == "train" else "eval", task)
 
-        search_path.prepend(provider="command-line", path=f"file://{Path(config_dir).absolute()}",
-                            anchor=SearchPathQuery(provider="schema"))
-    app = run_and_report(lambda: Hydra.create_main_hydra2(task_name=detect_task_name(calling_file, calling_module),
-                                                         config_search_path=search_path))
+
+def _parsed(overrides: list[str]) -> list:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
     try:
-        cfg = _precheck(command, args, app)  # a mistake ends here, in one line
-        if cfg.hydra.mode == RunMode.MULTIRUN:
-            overrides = [a for a in args if not a.startswith("-")]
-            overrides += _run_mode(args, OverridesParser.create().parse_overrides(overrides))[1]
-            run_and_report(lambda: app.multirun(config_name=config_name, task_function=task, overrides=overrides))
-        else:
-            run_and_report(lambda: _run_composed(app, cfg, config_name, task))
-    finally:
-        _leave_hydra()
+        return OverridesParser.create().parse_overrides([a for a in overrides if not a.startswith("-")])
+    except HydraException:
+        return []  # the precheck reports it
 
 
-def _run_composed(app, cfg: DictConfig, config_name: str, task) -> None:
-    """``Hydra.run`` (hydra/_internal/hydra.py, 1.3) on a config it has composed: Hydra's logging, the run's
-    callbacks, the job (run directory, .hydra/, the job's logging, the task)."""
-    from hydra._internal.callbacks import Callbacks
+def _with_searchpath(args: list[str], config_dir: str | None) -> list[str]:
+    """``args`` with ``--config-dir``'s folder added to ``hydra.searchpath`` (after any folders given there)."""
+    if config_dir is None:
+        return args
+    folder = f"file://{Path(config_dir).absolute()}"
+    given = [o for o in _parsed(args) if o.get_key_element() == "hydra.searchpath"][-1:]
+    paths = [*(given[0].value() if given and isinstance(given[0].value(), list) else []), folder]
+    rest = [a for a in args if not (given and a == given[0].input_line)]
+    return [*rest, "hydra.searchpath=[" + ",".join(f"'{p}'" for p in paths) + "]"]
+
+
+class _Callbacks:
+    """The run's ``hydra.callbacks``, instantiated and told of the run's events as Hydra's own runner does: a
+    callback that raises is a warning, not the end of the run."""
+
+    def __init__(self, cfg: DictConfig):
+        from hydra.utils import instantiate
+
+        self.callbacks = [instantiate(c) for c in (OmegaConf.select(cfg, "hydra.callbacks") or {}).values()]
+
+    def _notify(self, event: str, reverse: bool = False, **kwargs) -> None:
+        import warnings
+
+        for c in reversed(self.callbacks) if reverse else self.callbacks:
+            try:
+                getattr(c, event)(**kwargs)
+            except Exception as e:  # noqa: BLE001 - as Hydra: a callback's failure is reported, the run goes on
+                warnings.warn(f"Callback {type(c).__name__}.{event} raised {type(e).__name__}: {e}")
+
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        self._notify("on_job_start", config=config, **kwargs)
+
+    def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
+        self._notify("on_job_end", reverse=True, config=config, job_return=job_return, **kwargs)
+
+
+def _run_composed(cfg: DictConfig, config_name: str, task) -> None:
+    """What ``hydra.main`` does with a run's composed config (Hydra 1.3's ``Hydra.run``), through Hydra's public
+    API: Hydra's logging, the run's callbacks, the job (run directory, .hydra/, the job's logging, the task)."""
+    from hydra.core.global_hydra import GlobalHydra
     from hydra.core.utils import configure_log, run_job
-    from hydra.types import HydraContext, RunMode
+    from hydra.types import HydraContext
 
     configure_log(cfg.hydra.hydra_logging, cfg.hydra.verbose)
-    if cfg.hydra.mode is None:
-        cfg.hydra.mode = RunMode.RUN
-    callbacks = Callbacks(cfg)
-    callbacks.on_run_start(config=cfg, config_name=config_name)
-    ret = run_job(hydra_context=HydraContext(config_loader=app.config_loader, callbacks=callbacks),
+    callbacks = _Callbacks(cfg)
+    callbacks._notify("on_run_start", config=cfg, config_name=config_name)
+    ret = run_job(hydra_context=HydraContext(config_loader=GlobalHydra.instance().config_loader(), callbacks=callbacks),
                   task_function=task, config=cfg, job_dir_key="hydra.run.dir", job_subdir_key=None,
                   configure_logging=True)
-    callbacks.on_run_end(config=cfg, config_name=config_name, job_return=ret)
+    callbacks._notify("on_run_end", reverse=True, config=cfg, config_name=config_name, job_return=ret)
     _ = ret.return_value  # raises the task's exception, as Hydra.run does
 
 
@@ -441,7 +476,7 @@ def _check_writable(folder: Path | None) -> None:
                           "or set hydra.run.dir=<writable path> (hydra.sweep.dir for -m)") from None
 
 
-def _group_options(app, config_name: str, searchpath: list[str], group: str) -> list[str]:
+def _group_options(config_name: str, searchpath: list[str], group: str) -> list[str]:
     """The options of config group ``group`` (``algo``, ``hydra/launcher``) across Hydra's whole search path:
     metalearn's conf/, ``--config-dir``, ``hydra.searchpath`` and installed plugins (launchers, sweepers and
     metalearn plug-ins registered in Hydra's ConfigStore); [] for a key that is not a group."""
@@ -449,23 +484,9 @@ def _group_options(app, config_name: str, searchpath: list[str], group: str) -> 
         return []
     from hydra.core.global_hydra import GlobalHydra
 
-    if app is not None:
-        return app.config_loader.get_group_options(group, config_name=config_name, overrides=searchpath)
-    with confdir.initialized():
+    with _hydra_initialized():
         return GlobalHydra.instance().config_loader().get_group_options(group, config_name=config_name,
                                                                           overrides=searchpath)
-
-
-def _compose_job(app, config_name: str, overrides: list[str]) -> DictConfig:
-    """The config ``overrides`` compose to, on the search path of ``app`` (or metalearn's own, if None)."""
-    from hydra import compose
-
-    if app is not None:
-        from hydra.types import RunMode
-
-        return app.compose_config(config_name, overrides, run_mode=RunMode.RUN)
-    with confdir.initialized():
-        return compose(config_name, overrides=overrides)
 
 
 def _hydra_error_line(message: str, options, compose_job, overrides: list[str]) -> str:
@@ -552,6 +573,14 @@ def main(argv: list[str] | None = None) -> int:
             return data_command(rest)
         except MetalearnError as e:
             fail(e, e.exit_code)
+    if command == "new":  # templates of your own algorithm, backbone or dataset (metalearn/scaffold.py)
+        from metalearn.errors import MetalearnError
+        from metalearn.scaffold import new_command
+
+        try:
+            return new_command(rest)
+        except MetalearnError as e:
+            fail(e, e.exit_code)
     if command == "report":  # a directory argument, not a Hydra app
         from metalearn.errors import MetalearnError
         from metalearn.report import report_command
@@ -594,12 +623,39 @@ def _config_dir(args: list[str]) -> tuple[str | None, list[str]]:
     return folder, rest
 
 
+#: Hydra's flags that take a value (hydra/_internal/utils.py, get_args_parser), and --info's optional one.
+_VALUED_FLAGS = ("--cfg", "-c", "--package", "-p")
+_INFO_VALUES = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
+
+
+def _overrides_beside_flags(args: list[str]) -> list[str] | None:
+    """The overrides (and -m) among Hydra's flags, to check before hydra.main runs them; None where nothing is to
+    be checked: help and version flags, or a flag that changes the primary config (Hydra reports those)."""
+    if any(a in ("--help", "-h", "--hydra-help", "--version", "--config-path", "-cp", "--config-name", "-cn",
+                 "--experimental-rerun") for a in args):
+        return None
+    out, i = [], 0
+    while i < len(args):
+        a = args[i]
+        i += 1
+        if a in _VALUED_FLAGS:
+            i += 1
+        elif a in ("--info", "-i"):
+            i += i < len(args) and args[i] in _INFO_VALUES
+        elif not a.startswith("-") or a in ("-m", "--multirun"):
+            out.append(a)
+    return out
+
+
 def _run_app(command: str, rest: list[str]) -> int:
     config_dir, plain = _config_dir(rest)
     args = _sweep_dir_names(plain) if command == "train" else plain
     try:
         with sweeps.sweeper_errors_raised(command, rest):
             if any(a.startswith("-") and a not in ("-m", "--multirun") for a in plain):
+                checked = _overrides_beside_flags(plain)
+                if checked is not None:  # a mistake is one line with Hydra's flags too
+                    _precheck(command, _with_searchpath(checked, config_dir))
                 given = ["--config-dir", str(Path(config_dir).absolute())] if config_dir else []
                 sys.argv = [sys.argv[0], *given, *args]
                 APPS[command]()  # Hydra's flags (--help, --cfg, --info ...): hydra.main parses them

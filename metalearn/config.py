@@ -59,7 +59,7 @@ class TrainerConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adam"  # adam | sgd
+    name: str = "adam"  # adam | sgd | any torch.optim optimizer by its lower-case name (adamw, rmsprop, ...)
     lr: float = 1e-3
     weight_decay: float = 0.0
     momentum: float = 0.9  # sgd only
@@ -67,6 +67,10 @@ class OptimConfig:
     decay_every: int = 10000  # step scheduler
     decay_gamma: float = 0.5  # step scheduler
     grad_clip: Optional[float] = None  # max global norm of the meta-gradient
+    # Any optimizer / scheduler class (torch's or your own) by Hydra's _target_ convention, instantiated with
+    # the meta-parameters (lr: optim.lr unless given) / the optimizer; they replace name / scheduler.
+    optimizer: Optional[dict[str, Any]] = None  # {_target_: torch.optim.AdamW, betas: [0.9, 0.99]}
+    lr_scheduler: Optional[dict[str, Any]] = None  # {_target_: torch.optim.lr_scheduler.OneCycleLR, max_lr: 0.01, total_steps: ${steps}}
 
 
 @dataclass
@@ -177,14 +181,45 @@ def check(run: RunConfig) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be >= 1 (got {value})")
-    if run.optim.name not in ("adam", "sgd"):
-        raise ConfigError(f"optim.name={run.optim.name!r} is not one of: adam, sgd")
-    if run.optim.scheduler not in ("constant", "cosine", "linear", "step"):
-        raise ConfigError(f"optim.scheduler={run.optim.scheduler!r} is not one of: constant, cosine, linear, step")
+    if run.optim.optimizer is None and run.optim.name not in optimizer_names():
+        raise ConfigError(f"optim.name={run.optim.name!r} is not one of: {', '.join(optimizer_names())} "
+                          "(or give any class as optim.optimizer={_target_:<module.Class>})")
+    if run.optim.lr_scheduler is None and run.optim.scheduler not in ("constant", "cosine", "linear", "step"):
+        raise ConfigError(f"optim.scheduler={run.optim.scheduler!r} is not one of: constant, cosine, linear, step "
+                          "(or give any class as optim.lr_scheduler={_target_:<module.Class>})")
+    for key in ("optimizer", "lr_scheduler"):
+        target_class(getattr(run.optim, key), f"optim.{key}")
     if not 0 < run.optim.lr < 1e30:  # also rejects nan and inf; above float32's range it cannot even be applied
         raise ConfigError(f"optim.lr must be a positive number below 1e30 (got {run.optim.lr})")
     if run.trainer.stop_at is not None and run.trainer.stop_at < 1:
         raise ConfigError(f"trainer.stop_at must be >= 1 (got {run.trainer.stop_at})")
+
+
+def optimizer_names() -> list[str]:
+    """The short names of optim.name: every torch.optim optimizer class, lower-cased (adam, sgd, adamw ...)."""
+    import torch
+
+    return sorted(n.lower() for n, c in vars(torch.optim).items()
+                  if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer)
+
+
+def target_class(node: dict | None, where: str) -> Any:
+    """The class a ``{_target_: module.Class, ...}`` node names (None for None), or a one-line ConfigError."""
+    if node is None:
+        return None
+    target = node.get("_target_")
+    if not isinstance(target, str) or not target:
+        raise ConfigError(f"{where} needs _target_: <module.Class> (e.g. {where}._target_=torch.optim.AdamW)")
+    from hydra.utils import get_object
+
+    try:
+        found = get_object(target)
+    except Exception as e:  # noqa: BLE001 - ImportError, AttributeError ...: the target cannot be found
+        raise ConfigError(f"{where}._target_={target}: cannot be found ({str(e).splitlines()[0]}); give an importable "
+                          "module.Class") from None
+    if not callable(found):
+        raise ConfigError(f"{where}._target_={target} is not a class or function")
+    return found
 
 
 def paper_config(cfg: DictConfig | dict) -> PaperConfig | None:

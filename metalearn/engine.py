@@ -159,12 +159,19 @@ def _algorithm_tasks(name: str) -> tuple[str, ...]:
 
 
 def build_optimizer(cfg: RunConfig, params) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    o = cfg.optim
-    if o.name == "adam":
-        opt = torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
-    else:
+    """The outer optimizer and its schedule (stepped once per meta-step): the short names of ``optim.name`` and
+    ``optim.scheduler``, or any classes given by Hydra's ``_target_`` (``optim.optimizer``, ``optim.lr_scheduler``)."""
+    o, params = cfg.optim, list(params)
+    if o.optimizer is not None:
+        opt = _instantiate(o.optimizer, "optim.optimizer", params, lr=o.lr)
+    elif o.name == "sgd":
         opt = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    if o.scheduler == "cosine":
+    else:
+        cls = {n.lower(): c for n, c in vars(torch.optim).items() if isinstance(c, type)}[o.name]
+        opt = cls(params, lr=o.lr, weight_decay=o.weight_decay)
+    if o.lr_scheduler is not None:
+        sched = _instantiate(o.lr_scheduler, "optim.lr_scheduler", opt)
+    elif o.scheduler == "cosine":
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps)
     elif o.scheduler == "linear":  # Reptile's annealing: lr * (1 - step / steps), 0 after the last step
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1.0 - step / cfg.steps))
@@ -173,6 +180,20 @@ def build_optimizer(cfg: RunConfig, params) -> tuple[torch.optim.Optimizer, torc
     else:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     return opt, sched
+
+
+def _instantiate(node: dict, where: str, first: Any, **defaults: Any) -> Any:
+    """``node``'s ``_target_`` called with ``first`` (the parameters, or the optimizer), the node's other keys, and
+    ``defaults`` for keys it does not give (Hydra's ``instantiate``, as a partial); a bad key is one line."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    given = {k: v for k, v in node.items() if k != "_partial_"}
+    try:
+        factory = instantiate({**given, "_partial_": True}, _convert_="all")
+        return factory(first, **{k: v for k, v in defaults.items() if k not in given})
+    except (InstantiationException, TypeError, ValueError) as e:
+        raise ConfigError(f"{where} ({node['_target_']}): {str(e).strip().splitlines()[-1]}") from None
 
 
 def mean_ci95(values: torch.Tensor) -> dict[str, float]:

@@ -312,4 +312,4 @@ def test_completion_of_group_options(cli, tmp_path):
 def test_completion_of_command_names(cli, tmp_path):
     proc = complete(cli, "metalearn ", tmp_path)
     assert proc.returncode == 0, cli.describe(proc)
-    assert proc.stdout.split() == ["train", "eval", "data", "report", "reproduce"]
+    assert proc.stdout.split() == ["train", "eval", "data", "report", "reproduce", "new"]

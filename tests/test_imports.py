@@ -80,3 +80,14 @@ def test_the_graph_sees_lazy_imports():
 
 def test_no_module_imports_one_that_imports_it_back():
     assert circles(import_graph()) == []
+
+
+def test_hydra_is_used_through_its_public_api_only():
+    """No module imports hydra._internal: a Hydra patch release may change it (#25)."""
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [f"{path.name}: {n}" for n in names if n.startswith("hydra._internal")]
+    assert found == []

@@ -183,6 +183,12 @@ def test_hydra_searchpath_finds_the_user_yaml_and_typed_validation_stays(package
         assert "tempproto" in proc.stderr and "maml" in proc.stderr
     proc = run_cli(["train", "--config-dir", str(tmp_path / "nothere"), "algo=maml"], cwd=tmp_path, env=env)
     assert proc.returncode == 2 and "no such folder" in proc.stderr and proc.stderr.count("\n") == 1, describe(proc)
+    # with Hydra's flags, a mistake is one line too; the flags see the user's options
+    proc = run_cli(["train", "--cfg", "job", "--config-dir", str(package / "conf"), "algo=tempprot"], cwd=tmp_path, env=env)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "tempproto" in proc.stderr, describe(proc)
+    proc = run_cli(["train", "--cfg", "job", "--config-dir", str(package / "conf"), "algo=tempproto"], cwd=tmp_path,
+                   env=env)
+    assert proc.returncode == 0 and "init_temperature: 2.0" in proc.stdout, describe(proc)
     # --help lists the user's options too
     proc = run_cli(["train", "--config-dir", str(package / "conf"), "--help"], cwd=tmp_path, env=env)
     assert proc.returncode == 0 and "tempproto" in proc.stdout, describe(proc)
