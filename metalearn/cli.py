@@ -594,7 +594,8 @@ def main(argv: list[str] | None = None) -> int:
         from metalearn.reproduce import reproduce_command
 
         try:
-            return reproduce_command(rest, functools.partial(_run_app, "train"))
+            config_dir, rest = _config_dir(rest)  # the user's presets: a hydra.searchpath override
+            return reproduce_command(_with_searchpath(rest, config_dir), functools.partial(_run_app, "train"))
         except MetalearnError as e:
             fail(e, e.exit_code)
     if command not in APPS:

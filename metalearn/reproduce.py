@@ -44,8 +44,8 @@ from metalearn import report
 from metalearn.config import PaperConfig
 from metalearn.errors import ConfigError, MetalearnError
 
-USAGE = ("usage: metalearn reproduce experiment=<preset>[,<preset>...] [key=value ...] [--out DIR]\n"
-         "       metalearn reproduce --from DIR [experiment=<preset>,...] [--out DIR]")
+USAGE = ("usage: metalearn reproduce experiment=<preset>[,<preset>...] [key=value ...] [--out DIR] [--config-dir DIR]\n"
+         "       metalearn reproduce --from DIR [experiment=<preset>,...] [--out DIR] [--config-dir DIR]")
 
 GROUPS = ("algo", "data", "backbone")  # config groups whose choice a run may change (device is run-local)
 #: Keys that change no number of a run (how often it logs and writes last.pt): never a proxy's difference.
@@ -61,10 +61,20 @@ CSV_HEADER = ["preset", "dataset", "protocol", "metric", "paper_value", "paper_c
 # ---------------------------------------------------------------- presets
 
 
-def preset_names() -> list[str]:
-    from metalearn.confdir import CONF_DIR
+#: ``hydra.searchpath`` overrides of this command (from ``--config-dir`` or given): the user's own presets
+#: (``<dir>/experiment/*.yaml``) are presets like metalearn's.
+SEARCHPATH: list[str] = []
 
-    return sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+
+def preset_names() -> list[str]:
+    """Every ``experiment=`` preset: metalearn's and those on ``SEARCHPATH``, through Hydra's config loader."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from metalearn import confdir
+
+    with confdir.initialized():
+        return sorted(GlobalHydra.instance().config_loader().get_group_options(
+            "experiment", config_name="config", overrides=list(SEARCHPATH)))
 
 
 @dataclass
@@ -87,7 +97,7 @@ def preset(name: str) -> Preset:
     if name not in preset_names():
         raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(preset_names())}")
     with confdir.initialized():
-        cfg = compose("config", overrides=[f"experiment={name}"], return_hydra_config=True)
+        cfg = compose("config", overrides=[f"experiment={name}", *SEARCHPATH], return_hydra_config=True)
     choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
     del cfg.hydra
     return Preset(name, paper_config(cfg), report.flatten(OmegaConf.to_container(cfg, resolve=True)), choices)
@@ -394,6 +404,9 @@ def parse(args: list[str]) -> Args:
         elif a.startswith("-"):
             raise ConfigError(f"unknown option {a!r} (reproduce sweeps the presets itself: no -m); "
                               f"{USAGE.splitlines()[0]}")
+        elif a.startswith("hydra.searchpath="):  # where the user's presets are (--config-dir DIR becomes this)
+            SEARCHPATH[:] = [a]
+            preset.cache_clear()
         elif a.lstrip("+").startswith("experiment="):
             presets += [p.strip() for p in a.split("=", 1)[1].split(",") if p.strip()]
         elif "=" not in a:  # a bare preset name, as in ``metalearn reproduce maml_omniglot_5w1s``
@@ -403,7 +416,8 @@ def parse(args: list[str]) -> Args:
     if source is None and not presets:
         raise ConfigError(f"name the presets to run (experiment=<preset>,...) or read finished runs with --from DIR; "
                           f"{USAGE.splitlines()[0]}")
-    if source is not None and overrides:
+    overrides += SEARCHPATH  # the training runs find the user's presets (and plug-ins) there too
+    if source is not None and overrides != SEARCHPATH:
         raise ConfigError(f"--from reads finished runs: it takes no overrides ({overrides[0]!r}); "
                           "to run presets, leave out --from")
     presets = list(dict.fromkeys(presets))

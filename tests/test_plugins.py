@@ -105,6 +105,24 @@ def write_package(root: Path) -> Path:
     (pkg / "tinynet.py").write_text(TINYNET)
     (pkg / "blobs.py").write_text(BLOBS)
     (root / "conf" / "data").mkdir(parents=True)
+    (root / "conf" / "experiment").mkdir(parents=True)
+    (root / "conf" / "experiment" / "tempproto_blobs.yaml").write_text(textwrap.dedent("""\
+        # @package _global_
+        # A user's preset: the plug-ins on blobs, with the figure it is compared with.
+        defaults:
+          - override /algo: tempproto
+          - override /backbone: tinynet
+          - override /data: blobs
+        queries: 5
+        meta_batch_size: 2
+        steps: 4
+        trainer: {log_every: 2, val_every: 2, val_episodes: 4, test_episodes: 4, ckpt_every: 2}
+        paper:
+          metric: accuracy
+          value: 0.5
+          source: Me et al. 2026
+          protocol: blobs 5-way 1-shot
+        """))
     (root / "conf" / "data" / "blobs.yaml").write_text("name: blobs\nmodule: myresearch.blobs\nclasses: [12, 6, 6]\n"
                                                        "per_class: 10\ngeneration_seed: 0\n")
     (root / "conf" / "algo").mkdir(parents=True)
@@ -278,3 +296,29 @@ def test_data_info_and_prepare_of_a_user_dataset(package, tmp_path):
                        cwd=tmp_path, env=env)
         assert proc.returncode == 0, describe(proc)
         assert "train: 12 classes, 84 images of 1x12x12" in proc.stdout and "ready" in proc.stdout
+
+
+def test_reproduce_of_a_user_preset(package, tmp_path):
+    env = env_with(package / "src")
+    out = tmp_path / "out"
+    proc = run_cli(["reproduce", "experiment=tempproto_blobs", "--config-dir", str(package / "conf"), "--out", str(out)],
+                   cwd=tmp_path, env=env)
+    assert proc.returncode == 0, describe(proc)
+    table = (out / "reproduce.md").read_text()
+    assert "tempproto_blobs" in table and "Me et al. 2026" in table
+    proc = run_cli(["reproduce", "--from", str(out), "--config-dir", str(package / "conf")], cwd=tmp_path, env=env)
+    assert proc.returncode == 0 and "tempproto_blobs" in proc.stdout, describe(proc)
+    proc = run_cli(["reproduce", "experiment=tempproto_blobz", "--config-dir", str(package / "conf")], cwd=tmp_path,
+                   env=env)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "tempproto_blobs" in proc.stderr, describe(proc)
+
+
+def test_an_optuna_search_over_a_plugin(package, tmp_path):
+    env = env_with(package / "src")
+    sweep = tmp_path / "search"
+    proc = run_cli(["train", "-m", "--config-dir", str(package / "conf"), "hparams_search=metric_based",
+                    "algo=tempproto", *BLOB_RUN, "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.seed=0",
+                    "ways=choice(3, 5)", f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env=env)
+    assert proc.returncode == 0, describe(proc)
+    assert len(list(sweep.glob("*/results.json"))) == 2
+    assert (sweep / "optimization_results.yaml").is_file(), describe(proc)
