@@ -30,7 +30,7 @@ from typing import Any, Iterator, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from metalearn import confdir, plugins
-from metalearn.errors import ConfigError
+from metalearn.errors import ConfigError, MetalearnError
 
 log = logging.getLogger("metalearn")
 
@@ -144,14 +144,33 @@ def train(config: DictConfig | Sequence[str] | None = None, run_dir: str | Path 
 
     atomic_write_text(hydra_dir / "config.yaml", OmegaConf.to_yaml(job, resolve=False))
     atomic_write_text(hydra_dir / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(overrides)))
-    handlers = _notebook_logging(run_dir)
+    handlers, failed = _notebook_logging(run_dir), False
     try:
         results = engine.train(run_cfg, run_dir, algorithm=algorithm)
+    except MetalearnError:
+        failed = True
+        raise
     finally:
         for h in handlers:
             log.removeHandler(h)
             h.close()
+        if failed:
+            _remove_if_unused(run_dir)
     return Run(run_dir=run_dir, config=run_cfg, results=results)
+
+
+def _remove_if_unused(run_dir: Path) -> None:
+    """A run that failed before training started (a bad backbone option, missing data) leaves nothing behind:
+    what ``train`` wrote (``.hydra/``, ``train.log``) goes, and only if the folder holds nothing else."""
+    import shutil
+
+    if run_dir.is_dir() and not {p.name for p in run_dir.iterdir()} - {".hydra", "train.log"}:
+        shutil.rmtree(run_dir / ".hydra", ignore_errors=True)
+        (run_dir / "train.log").unlink(missing_ok=True)
+        try:
+            run_dir.rmdir()
+        except OSError:
+            pass
 
 
 def evaluate(run_dir: str | Path, checkpoint: str = "best", **options: Any) -> dict:

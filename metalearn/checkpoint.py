@@ -106,8 +106,13 @@ def load(path: str | Path, fix: str | None = None) -> dict[str, Any]:
                 ckpt["config"] = to_dict(to_run_config(ckpt["config"]))
             except MetalearnError:
                 pass  # whoever reads it reports what is wrong with it
-            log.info("%s: its config predates the data split keys; read with the current ones (%s)", path, "; ".join(changed))
+            log.info("%s", migration_note(path, changed))
+            ckpt["migrated"] = changed  # in memory only: metalearn eval prints it (its log goes nowhere)
     return ckpt
+
+
+def migration_note(path: Path, changed: list[str]) -> str:
+    return f"{path}: its config predates the data split keys; read with the current ones ({'; '.join(changed)})"
 
 
 #: Keys of a run's config that may change when it is resumed (``metalearn train resume=DIR key=value``).

@@ -51,6 +51,8 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
         raise ConfigError(f"split={split!r} is not one of: {', '.join(EVAL_SPLITS)}")
     path = checkpoint.find(cfg.run, cfg.checkpoint) if cfg.run else checkpoint.find(cfg.ckpt)
     ckpt = checkpoint.load(path)
+    if ckpt.get("migrated"):
+        print(checkpoint.migration_note(path, ckpt["migrated"]))
     other = cfg.get("data") is not None
     own, run_cfg = _configs(cfg, ckpt, other)
     fixed = isinstance(run_cfg.data, EpisodesConfig)

@@ -1,9 +1,12 @@
-"""Atomic writes: a temp file in the same directory, fsync, then os.replace.
+"""Atomic, durable writes: a temp file in the same directory, fsync, os.replace, then fsync of the directory.
 
 A crash or Ctrl-C mid-write leaves the previous file intact and at most a
-hidden ``.<name>.tmp-*`` file, never a half-written target. A write that the
-disk refuses (full, read-only, a quota) is one ``StorageError`` line naming the
-file, and the previous file stays as it was.
+hidden ``.<name>.tmp-*`` file, never a half-written target. The directory's
+fsync makes the rename itself durable: without it a power cut soon after the
+rename can bring back the old name (ext4, xfs), and a folder made for the file
+(a run's ``checkpoints/``) is synced into its parent the same way. A write that
+the disk refuses (full, read-only, a quota) is one ``StorageError`` line naming
+the file, and the previous file stays as it was.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside ``path``; on success it replaces ``path``, on error it is removed."""
     path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        made = make_dirs(path.parent)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     except OSError as e:
         raise _refused(path, e) from None
@@ -39,6 +42,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)  # the rename, durable
+        for folder in made:  # and each folder made for it, in its parent
+            fsync_dir(folder.parent)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         if e.errno not in _DISK_ERRORS:  # not the disk's refusal: e.g. a download's URLError inside the block
@@ -47,6 +53,29 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def make_dirs(folder: Path) -> list[Path]:
+    """``folder`` and its missing parents made (``mkdir -p``); the ones this call made, outermost first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    for f in reversed(missing):
+        f.mkdir(exist_ok=True)
+    return list(reversed(missing))
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """fsync a directory: its entries (a rename, a new file or folder) survive a power cut."""
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP):  # a file system that cannot sync directories (some FUSE, NFS)
+            raise
+    finally:
+        os.close(fd)
 
 
 #: What a file system answers when it refuses a write to a file already made (a missing file read inside

@@ -120,9 +120,14 @@ def find_runs(root: Path) -> list[Path]:
     root = Path(root)
     if is_run(root):
         return [root]
-    found = []
-    for folder, subfolders, _ in os.walk(root):
-        here = Path(folder)
+    found, seen = [], set()
+    # Symlinked runs (a folder of links to runs gathered from elsewhere) count; each real folder once (no loops).
+    for folder, subfolders, _ in os.walk(root, followlinks=True):
+        here, real = Path(folder), os.path.realpath(folder)
+        if real in seen:
+            subfolders.clear()
+            continue
+        seen.add(real)
         if here != root and is_run(here):
             found.append(here)
             subfolders.clear()

@@ -221,6 +221,7 @@ def test_a_run_saved_before_the_rename_evaluates_and_resumes(cli, trained_run, t
     log = (tmp_path / "resumed" / "train.log").read_text()  # the resumed run's log: a line per old checkpoint read
     assert f"{tmp_path / 'resumed' / 'checkpoints' / 'last.pt'}: its config predates the data split keys; read with the current ones " \
            "(train/val/test_classes -> split_sizes; seed -> generation_seed)" in log
+    assert "its config predates the data split keys; read with the current ones" in runs["eval old"].stdout  # on the console
     results = {name: json.loads(next((tmp_path / name).glob("eval*.json")).read_text()) for name in ("new", "old")}
     assert results["old"]["test"] == results["new"]["test"]  # the same data, the same episodes, the same numbers
     resumed = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=True)

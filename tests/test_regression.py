@@ -164,7 +164,7 @@ def test_sinusoid_through_the_cli(cli, tmp_path):
         "reptile": (["train", "data=sinusoid", "backbone=mlp", "algo=reptile", "shots=10", "queries=10", *fast,
                      "hydra.run.dir=reptile"], tmp_path),
         "protonet": (["train", "data=sinusoid", "backbone=mlp", "algo=protonet"], tmp_path),
-        "conv4": (["train", "data=sinusoid", "algo=maml"], tmp_path),
+        "conv4": (["train", "data=sinusoid", "algo=maml", "backbone=conv4"], tmp_path),  # sinusoid's own choice is mlp
     })
     for name in ("maml", "metasgd", "reptile"):
         assert runs[name].returncode == 0, cli.describe(runs[name])

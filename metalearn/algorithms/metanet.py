@@ -503,7 +503,8 @@ def _check(cfg: Config, backbone: nn.Module) -> None:
         raise ConfigError(f"algo.init_scale must be > 0 (got {cfg.init_scale})")
     if isinstance(backbone, Conv4) and backbone.norms is not None:
         raise ConfigError("metanet runs every example through its own fast weights, so per-set BatchNorm does not "
-                          "apply: use backbone.norm=none (the authors' network has no normalisation)")
+                          "apply: use backbone=conv4_plain (its default: conv4 without normalisation, as the authors' "
+                          "network) or backbone.norm=none")
     if not isinstance(backbone, (Conv4, MLP, Identity)):
         raise ConfigError(f"metanet's layer augmentation is written for conv4, mlp and identity backbones, "
                           f"not {type(backbone).__name__}; use backbone=conv4 backbone.norm=none")

@@ -138,12 +138,17 @@ def _source_config(cfg: Config, trained: Any) -> Any:
         if source.name == "features":
             raise ConfigError(f"{cfg.run} was trained on features already; give data.source=<the dataset to embed>")
     else:
-        options = sorted(p.stem for p in _conf_dir().glob("*.yaml") if p.stem != "features")
+        if cfg.source == "episodes":
+            raise ConfigError("data.source=episodes holds fixed test episodes, no classes to train on: embed a dataset "
+                              "with train/val/test classes (data.source=omniglot, imagefolder, ...), and score fixed "
+                              "episodes with metalearn eval run=<run dir> data=episodes data.path=<folder>")
+        options = sorted(p.stem for p in _conf_dir().glob("*.yaml") if p.stem not in ("features", "episodes"))
         if cfg.source not in options:
             raise ConfigError(f"data.source={cfg.source!r} is not a dataset to embed; choose one of: {', '.join(options)}")
         from omegaconf import OmegaConf
 
         node = OmegaConf.to_container(OmegaConf.load(_conf_dir() / f"{cfg.source}.yaml"), resolve=True)
+        node.pop("defaults", None)  # the option's choices of other groups (sinusoid: backbone=mlp)
         source = _typed(dataset_module(node["name"]).Config, node, "data.source")
     if getattr(source, "task", None) == "regression" or source.name == "sinusoid":
         raise ConfigError(f"data.source={source.name} is a regression task generator, not images to embed")

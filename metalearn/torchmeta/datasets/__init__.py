@@ -79,6 +79,7 @@ def native_config(name: str, root: Any, download: bool | None, config: str | dic
         if "root" in preset and root is not None:
             preset.root = str(root)
         node = OmegaConf.to_container(preset, resolve=True)
+        node.pop("defaults", None)  # the option's choices of other groups (sinusoid: backbone=mlp)
     elif isinstance(config, dict):
         overrides = dict(config)
     elif config is not None:
