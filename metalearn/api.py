@@ -47,16 +47,36 @@ def _searchpath(overrides: Sequence[str], config_dir: str | Path | None) -> list
 
 
 def _compose(config_name: str, overrides: Sequence[str]) -> DictConfig:
+    """Hydra's composition on metalearn's configs (set apart from any Hydra app the caller runs), its mistakes
+    the CLI's one-line ConfigErrors (an unknown group option too, which Hydra skips for optional groups)."""
+    import functools
+
     from hydra import compose as hydra_compose
+    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     plugins.register_configs()
+    overrides = list(overrides)
     try:
-        with confdir.initialized():
-            return hydra_compose(config_name, overrides=list(overrides))
-    except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(str(e).strip().splitlines()[0]) from None
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as e:
+        raise ConfigError(str(e).splitlines()[0].rstrip(".") + "; overrides look like key=value") from None
+    searchpath = [o.input_line for o in parsed if o.get_key_element() == "hydra.searchpath"]
+    options = functools.partial(confdir.group_options, config_name, searchpath)
+    with confdir.isolated():
+        for o in parsed:
+            key = o.get_key_element().lstrip("+~")
+            choices = [] if key.startswith("hydra") or o.is_sweep_override() else options(key)
+            if choices and isinstance(o.value(), str) and o.value() not in choices:
+                raise ConfigError(f"unknown {key} {o.value()!r}; choose one of: {', '.join(choices)}")
+        try:
+            return hydra_compose(config_name, overrides=overrides)
+        except HydraException as e:
+            raise ConfigError(confdir.error_line(str(e), options, functools.partial(confdir.compose_job, config_name),
+                                                 overrides)) from None
+        except OmegaConfBaseException as e:
+            raise ConfigError(str(e).strip().splitlines()[0]) from None
 
 
 def compose(overrides: Sequence[str] = (), config_dir: str | Path | None = None) -> DictConfig:
@@ -137,9 +157,17 @@ def train(config: DictConfig | Sequence[str] | None = None, run_dir: str | Path 
         raise ConfigError("resume= is a command-line option: metalearn train resume=<run dir>")
     now = datetime.datetime.now()
     run_dir = Path(run_dir) if run_dir is not None else Path("outputs") / f"{now:%Y-%m-%d}" / f"{now:%H-%M-%S-%f}"
+    if (run_dir / "checkpoints").is_dir() or (run_dir / "results.json").is_file():
+        raise ConfigError(f"{run_dir} holds a run already; give another run_dir, or continue that one with "
+                          f"metalearn train resume={run_dir}")
     hydra_dir = run_dir / ".hydra"
     hydra_dir.mkdir(parents=True, exist_ok=True)
-    job = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+    job = OmegaConf.create(OmegaConf.to_container(config, resolve=False))
+    job.pop("hydra", None)
+    if algorithm is not None:  # recorded as what was trained: its class, not the config's algo it replaced
+        record = plugins.object_record(algorithm)
+        run_cfg = dataclasses.replace(run_cfg, algo=record)
+        job.algo = dataclasses.asdict(record)
     from metalearn.fileio import atomic_write_text
 
     atomic_write_text(hydra_dir / "config.yaml", OmegaConf.to_yaml(job, resolve=False))
@@ -179,6 +207,8 @@ def evaluate(run_dir: str | Path, checkpoint: str = "best", **options: Any) -> d
     the results (also written beside the run as ``eval-*.json``)."""
     from metalearn.evaluation import evaluate_checkpoint
 
+    if checkpoint not in ("best", "last"):
+        raise ConfigError(f"checkpoint={checkpoint!r} is not one of: best, last")
     overrides = [f"run={Path(run_dir).absolute()}", f"checkpoint={checkpoint}"]
     for key, value in options.items():
         overrides.append(f"{key}={_literal(value)}")

@@ -287,7 +287,7 @@ def _precheck(command: str, args: list[str]) -> DictConfig:
     except HydraException as e:
         fail(ConfigError(str(e).splitlines()[0].rstrip(".") + "; overrides look like key=value"))
     searchpath = [o.input_line for o in parsed if o.get_key_element() == "hydra.searchpath"]
-    options = functools.partial(_group_options, config_name, searchpath)
+    options = functools.partial(confdir.group_options, config_name, searchpath)
     if "-m" not in args and "--multirun" not in args and any(o.get_key_element() == "hparams_search" for o in parsed):
         fail(ConfigError("hparams_search=... is an Optuna search, which runs as a sweep: add -m "
                          "(metalearn train -m hparams_search=<preset> ...)"))
@@ -309,10 +309,10 @@ def _precheck(command: str, args: list[str]) -> DictConfig:
         first.append(f"{key}={values[0]}" if o.is_sweep_override() else o.input_line)
     multirun, mode = _run_mode(args, parsed)
     try:
-        with _hydra_initialized():
+        with confdir.hydra_initialized():
             cfg = compose(config_name, overrides=[*first, *mode], return_hydra_config=True)
     except HydraException as e:
-        fail(ConfigError(_hydra_error_line(str(e), options, functools.partial(_compose_job, config_name), first)))
+        fail(ConfigError(confdir.error_line(str(e), options, functools.partial(confdir.compose_job, config_name), first)))
     except OmegaConfBaseException as e:
         fail(ConfigError(str(e).splitlines()[0]))
     # the checks see the job's config: the hydra node has parts only a running app resolves (hydra.job.num)
@@ -339,25 +339,6 @@ def _run_mode(args: list[str], parsed) -> tuple[bool, list[str]]:
     if "-m" in args or "--multirun" in args or given == ["MULTIRUN"]:
         return True, [] if given == ["MULTIRUN"] else ["hydra.mode=MULTIRUN"]
     return False, [] if given else ["hydra.mode=RUN"]
-
-
-def _compose_job(config_name: str, overrides: list[str]) -> DictConfig:
-    from hydra import compose
-
-    with _hydra_initialized():
-        return compose(config_name, overrides=overrides)
-
-
-@contextlib.contextmanager
-def _hydra_initialized():
-    """Hydra's compose API on metalearn's configs, unless a caller has it initialized already."""
-    from hydra.core.global_hydra import GlobalHydra
-
-    if GlobalHydra.instance().is_initialized():
-        yield
-    else:
-        with confdir.initialized():
-            yield
 
 
 def _launch(command: str, args: list[str], config_dir: str | None = None) -> None:
@@ -474,57 +455,6 @@ def _check_writable(folder: Path | None) -> None:
         why = e.strerror or str(e)
         raise ConfigError(f"cannot create the run directory {folder} ({why}); run from a writable directory "
                           "or set hydra.run.dir=<writable path> (hydra.sweep.dir for -m)") from None
-
-
-def _group_options(config_name: str, searchpath: list[str], group: str) -> list[str]:
-    """The options of config group ``group`` (``algo``, ``hydra/launcher``) across Hydra's whole search path:
-    metalearn's conf/, ``--config-dir``, ``hydra.searchpath`` and installed plugins (launchers, sweepers and
-    metalearn plug-ins registered in Hydra's ConfigStore); [] for a key that is not a group."""
-    if "." in group or not group:
-        return []
-    from hydra.core.global_hydra import GlobalHydra
-
-    with _hydra_initialized():
-        return GlobalHydra.instance().config_loader().get_group_options(group, config_name=config_name,
-                                                                          overrides=searchpath)
-
-
-def _hydra_error_line(message: str, options, compose_job, overrides: list[str]) -> str:
-    """Hydra's (multi-line) composition error as one line; ``options(group)``: the options of a config group;
-    ``compose_job(overrides)``: a composition on the same search path."""
-    lines = [line.strip() for line in message.splitlines() if line.strip()]
-    first = lines[0] if lines else message
-    if first.startswith("In '") and "Could not find '" in first:
-        wanted = first.split("Could not find '", 1)[1].split("'", 1)[0]
-        group, _, option = wanted.rpartition("/")
-        if f"{group}/{option}" in sweeps.EXTRAS:  # a launcher or sweeper plugin that is not installed
-            extra = sweeps.EXTRAS[f"{group}/{option}"]
-            return f"{group}={option} needs the {extra} extra: pip install \"metalearn[{extra}]\""
-        if group.startswith("hydra/") or options(group):
-            return f"unknown {group} {option!r}; choose one of: {', '.join(options(group))}"
-    if first.startswith("Could not override '") or first.startswith("Could not append"):
-        key = first.split("'", 2)[1]
-        group, _, option = key.partition(".")
-        if option and options(group):
-            rest = [o for o in overrides if not o.lstrip("+~").startswith(f"{group}.")]
-            node = compose_job(rest).get(group)
-            if node is None:  # metalearn eval: data.* keys belong to a data=<option>
-                return (f"'{key}' sets an option of {group}=<option>, and no {group} is chosen: add {group}=<option> "
-                        "(eval scores the run's own data as it was trained; data_root= says where it is now)")
-            if group == "data":  # a key the split vocabulary replaced: the line that names its new key
-                from metalearn.renamed import renamed_message
-
-                given = {k.lstrip("+~")[len("data."):]: v for k, _, v in (o.partition("=") for o in overrides)
-                         if k.lstrip("+~").startswith("data.")}
-                renamed = renamed_message(node.get("name"), given, set(node))
-                if renamed:
-                    return renamed
-            options = ", ".join(k for k in node if k not in ("name", "module")) or "none"
-            hint = (f" (a key of {node.module}'s Config is set here once its YAML lists it, or inherits a built-in's "
-                    "options with a defaults list: README 'Your own method')") if "module" in node else ""
-            return f"{group}={node.name} has no option {option!r}; its options are: {options}{hint}"
-        return f"unknown option {key!r}; 'metalearn train --cfg job' shows every option (new keys are not accepted)"
-    return first
 
 
 def _complete(args: list[str]) -> int:
@@ -654,6 +584,12 @@ def _run_app(command: str, rest: list[str]) -> int:
     try:
         with sweeps.sweeper_errors_raised(command, rest):
             if any(a.startswith("-") and a not in ("-m", "--multirun") for a in plain):
+                modes = [f for f in ("-m", "--multirun", "--cfg", "-c", "--info", "-i", "--run", "-r") if f in plain]
+                if len(modes) > 1:
+                    from metalearn.errors import ConfigError
+
+                    fail(ConfigError(f"{' and '.join(modes)} cannot be given together: run the sweep (-m), print the "
+                                     "config (--cfg) or ask for information (--info), one at a time"))
                 checked = _overrides_beside_flags(plain)
                 if checked is not None:  # a mistake is one line with Hydra's flags too
                     _precheck(command, _with_searchpath(checked, config_dir))

@@ -40,3 +40,94 @@ def compose(config_name: str = "config", overrides: Sequence[str] = ()):
 
     with initialized():
         return hydra_compose(config_name, overrides=list(overrides))
+
+
+def compose_job(config_name: str, overrides: list[str]):
+    """The config ``overrides`` compose to (Hydra's compose API), inside an initialized Hydra or not."""
+    from hydra import compose
+
+    with hydra_initialized():
+        return compose(config_name, overrides=overrides)
+
+
+@contextlib.contextmanager
+def hydra_initialized():
+    """Hydra's compose API on metalearn's configs, unless a caller has it initialized already."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        yield
+    else:
+        with initialized():
+            yield
+
+
+@contextlib.contextmanager
+def isolated() -> Iterator[None]:
+    """Hydra's compose API on metalearn's configs, even inside another Hydra app (a user's own ``@hydra.main``
+    script or notebook that initialized Hydra): that Hydra is set aside meanwhile and restored after."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    hydra = GlobalHydra.instance()
+    saved = hydra.hydra if hydra.is_initialized() else None
+    hydra.clear()
+    try:
+        with initialized():
+            yield
+    finally:
+        GlobalHydra.instance().clear()
+        if saved is not None:
+            GlobalHydra.instance().initialize(saved)
+
+
+def group_options(config_name: str, searchpath: list[str], group: str) -> list[str]:
+    """The options of config group ``group`` (``algo``, ``hydra/launcher``) across Hydra's whole search path:
+    metalearn's conf/, ``--config-dir``, ``hydra.searchpath`` and installed plugins (launchers, sweepers and
+    metalearn plug-ins registered in Hydra's ConfigStore); [] for a key that is not a group."""
+    if "." in group or not group:
+        return []
+    from hydra.core.global_hydra import GlobalHydra
+
+    with hydra_initialized():
+        return GlobalHydra.instance().config_loader().get_group_options(group, config_name=config_name,
+                                                                          overrides=searchpath)
+
+
+def error_line(message: str, options, compose_job, overrides: list[str]) -> str:
+    """Hydra's (multi-line) composition error as one line; ``options(group)``: the options of a config group;
+    ``compose_job(overrides)``: a composition on the same search path."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    first = lines[0] if lines else message
+    if first.startswith("In '") and "Could not find '" in first:
+        wanted = first.split("Could not find '", 1)[1].split("'", 1)[0]
+        group, _, option = wanted.rpartition("/")
+        from metalearn.sweeps import EXTRAS
+
+        if f"{group}/{option}" in EXTRAS:  # a launcher or sweeper plugin that is not installed
+            extra = EXTRAS[f"{group}/{option}"]
+            return f"{group}={option} needs the {extra} extra: pip install \"metalearn[{extra}]\""
+        if group.startswith("hydra/") or options(group):
+            return f"unknown {group} {option!r}; choose one of: {', '.join(options(group))}"
+    if first.startswith("Could not override '") or first.startswith("Could not append"):
+        key = first.split("'", 2)[1]
+        group, _, option = key.partition(".")
+        if option and options(group):
+            rest = [o for o in overrides if not o.lstrip("+~").startswith(f"{group}.")]
+            node = compose_job(rest).get(group)
+            if node is None:  # metalearn eval: data.* keys belong to a data=<option>
+                return (f"'{key}' sets an option of {group}=<option>, and no {group} is chosen: add {group}=<option> "
+                        "(eval scores the run's own data as it was trained; data_root= says where it is now)")
+            if group == "data":  # a key the split vocabulary replaced: the line that names its new key
+                from metalearn.renamed import renamed_message
+
+                given = {k.lstrip("+~")[len("data."):]: v for k, _, v in (o.partition("=") for o in overrides)
+                         if k.lstrip("+~").startswith("data.")}
+                renamed = renamed_message(node.get("name"), given, set(node))
+                if renamed:
+                    return renamed
+            options = ", ".join(k for k in node if k not in ("name", "module")) or "none"
+            hint = (f" (a key of {node.module}'s Config can be set once its YAML lists it; or add it with "
+                    f"+{group}.{option}=...; README 'Your own method')") if "module" in node else ""
+            return f"{group}={node.name} has no option {option!r}; its options are: {options}{hint}"
+        return f"unknown option {key!r}; 'metalearn train --cfg job' shows every option (new keys are not accepted)"
+    return first

@@ -158,6 +158,8 @@ def to_run_config(cfg: DictConfig | dict) -> RunConfig:
     groups = {}
     for group in GROUPS:
         node = container.pop(group, None)
+        if isinstance(node, dict) and "name" not in node:
+            plugins.check_node(group, node)  # a plug-in's YAML without name: the line that says so
         if not isinstance(node, dict) or "name" not in node:
             raise ConfigError(f"no {group} chosen; pick one with {group}=<{'|'.join(plugins.names(group))}>")
         groups[group] = typed_group(group, node)
@@ -199,8 +201,14 @@ def optimizer_names() -> list[str]:
     """The short names of optim.name: every torch.optim optimizer class, lower-cased (adam, sgd, adamw ...)."""
     import torch
 
+    import inspect
+
+    # Only those the trainer can drive as it drives Adam: built from (params, lr, weight_decay), stepped without a
+    # closure, on parameters of any shape (not LBFGS, SparseAdam, Muon: give those by optim.optimizer._target_).
     return sorted(n.lower() for n, c in vars(torch.optim).items()
-                  if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer)
+                  if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer
+                  and "weight_decay" in inspect.signature(c).parameters
+                  and n.lower() not in ("lbfgs", "sparseadam", "muon"))
 
 
 def target_class(node: dict | None, where: str) -> Any:
@@ -210,13 +218,20 @@ def target_class(node: dict | None, where: str) -> Any:
     target = node.get("_target_")
     if not isinstance(target, str) or not target:
         raise ConfigError(f"{where} needs _target_: <module.Class> (e.g. {where}._target_=torch.optim.AdamW)")
+    import logging
+
     from hydra.utils import get_object
 
+    quiet = logging.getLogger("hydra.utils")
+    level, quiet.disabled = quiet.disabled, True  # get_object logs its error before raising it: one line here
     try:
         found = get_object(target)
     except Exception as e:  # noqa: BLE001 - ImportError, AttributeError ...: the target cannot be found
-        raise ConfigError(f"{where}._target_={target}: cannot be found ({str(e).splitlines()[0]}); give an importable "
-                          "module.Class") from None
+        why = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise ConfigError(f"{where}._target_={target} cannot be imported ({why[-1] if why else type(e).__name__}); "
+                          "give an importable module.Class") from None
+    finally:
+        quiet.disabled = level
     if not callable(found):
         raise ConfigError(f"{where}._target_={target} is not a class or function")
     return found

@@ -132,7 +132,7 @@ def _import(group: str, name: str, path: str) -> Any:
     try:
         found: Any = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
-        if e.name and module_name.startswith(e.name):  # the plug-in itself is not importable (not a bug inside it)
+        if e.name == module_name or module_name.startswith(f"{e.name}."):  # the plug-in itself is not there
             raise ConfigError(f"{group}={name} is implemented by module {module_name!r}, which cannot be imported "
                               f"(no module named {e.name!r}); install its package (pip install -e <its folder>) "
                               f"or put the folder that holds it on PYTHONPATH") from None
@@ -179,8 +179,23 @@ def check_node(group: str, node: dict) -> None:
     """Refuse the other spelling of a plug-in (Hydra's ``_target_``) with the one that works."""
     if "_target_" in node:
         raise ConfigError(f"{group}._target_ is not how metalearn finds your own {group}: write "
-                          f"'module: {node['_target_']}' (a module that defines Config and {KINDS[group][1]}) "
-                          f"in its YAML instead of _target_")
+                          f"'module: {_module_part(str(node['_target_']))}' (the module that defines Config and "
+                          f"{KINDS[group][1]}) in its YAML instead of _target_")
+    if "module" in node and "name" not in node:
+        raise ConfigError(f"the {group} option naming module {node['module']} has no name: key; add "
+                          f"'name: <the option's name>' to its YAML")
+
+
+def _module_part(target: str) -> str:
+    """The module of a dotted ``_target_`` (``pkg.mod.build`` -> ``pkg.mod``); itself if it is a module."""
+    import importlib.util
+
+    try:
+        if importlib.util.find_spec(target) is not None:
+            return target
+    except (ImportError, ValueError):
+        pass
+    return target.rpartition(".")[0] or target
 
 
 def register_configs() -> None:

@@ -209,6 +209,11 @@ def new_command(args: list[str]) -> int:
         raise ConfigError(f"{name!r} is not a lower-case Python identifier (it names a module): e.g. my_{group}")
     if name in plugins.builtins(group):
         raise ConfigError(f"{group}={name} is built in already; choose another name")
+    import importlib.util
+
+    if importlib.util.find_spec(name) is not None:  # NAME.py on the path would hide it (torch, math, metalearn ...)
+        raise ConfigError(f"a module named {name!r} exists already ({importlib.util.find_spec(name).origin}); "
+                          f"choose another name, e.g. my_{name}")
     cls = "".join(part.capitalize() for part in name.split("_")) or name
     files = {folder / f"{name}.py": TEMPLATES[group].format(name=name, cls=cls),
              folder / "conf" / group / f"{name}.yaml": YAML[group].format(name=name),

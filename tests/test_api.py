@@ -80,6 +80,10 @@ def test_a_user_built_algorithm_object_is_trained_and_recorded_truthfully(tmp_pa
     run = metalearn.train(["algo=protonet", *TINY], run_dir=tmp_path / "run", algorithm=algo)
     ckpt = torch.load(run.run_dir / "checkpoints" / "best.pt", weights_only=True)
     assert ckpt["config"]["algo"] == {"name": "ScaledProto", "object": "test_api:ScaledProto"}
+    assert run.config.algo.name == "ScaledProto"  # and the run's own record says so too
+    assert "object: test_api:ScaledProto" in (run.run_dir / ".hydra" / "config.yaml").read_text()
+    proc = run_cli(["train", f"resume={run.run_dir}", "steps=6"], cwd=tmp_path, env=cli_env())
+    assert proc.returncode == 2 and "built in Python" in proc.stderr, describe(proc)
     assert "log_scale" in ckpt["model"]
     proc = run_cli(["eval", f"run={run.run_dir}"], cwd=tmp_path, env=cli_env())
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, describe(proc)
@@ -88,3 +92,26 @@ def test_a_user_built_algorithm_object_is_trained_and_recorded_truthfully(tmp_pa
     assert torch.equal(loaded.log_scale, ckpt["model"]["log_scale"])
     with pytest.raises(ConfigError, match="not a metalearn Algorithm"):
         metalearn.train(["algo=protonet", *TINY], run_dir=tmp_path / "bad", algorithm=nn.Linear(2, 2))
+
+
+def test_api_mistakes_are_the_clis_one_line_messages(api_run, tmp_path):
+    with pytest.raises(ConfigError, match=r"^unknown algo 'nosuch'; choose one of: anil, .*protonet"):
+        metalearn.compose(["algo=nosuch"])
+    with pytest.raises(ConfigError, match=r"^unknown experiment 'nosuch'; choose one of: "):
+        metalearn.compose(["experiment=nosuch"])
+    with pytest.raises(ConfigError, match=r"^algo=maml has no option 'inner_lrr'; its options are: inner_lr"):
+        metalearn.compose(["algo=maml", "algo.inner_lrr=1"])
+    with pytest.raises(ConfigError, match="not one of: best, last"):
+        metalearn.evaluate(api_run.run_dir, checkpoint="middle")
+    with pytest.raises(ConfigError, match="holds a run already"):
+        metalearn.train(["algo=protonet", *TINY], run_dir=api_run.run_dir)
+
+
+def test_the_api_works_inside_a_users_own_hydra_app(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    (tmp_path / "app.yaml").write_text("lr: 0.5\n")
+    with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
+        cfg = metalearn.compose(["algo=protonet", "data=glyphs"])
+        assert cfg.algo.name == "protonet"
+        assert compose("app").lr == 0.5  # the user's Hydra is back as it was

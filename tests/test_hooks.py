@@ -92,7 +92,7 @@ def test_an_inner_adam_plugin_of_a_few_lines_trains_through_the_cli(tmp_path):
     (bare / "algo" / "maml_adam.yaml").write_text("name: maml_adam\nmodule: inner_adam\n")
     proc = run_cli(["train", "--config-dir", str(bare), "algo=maml_adam", "algo.inner_lr=0.005", *TINY], cwd=tmp_path,
                    env=cli_env(PYTHONPATH=str(tmp_path / "src")))
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "defaults list" in proc.stderr, describe(proc)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "+algo.inner_lr=" in proc.stderr, describe(proc)
     run = tmp_path / "run"
     proc = run_cli(["train", "--config-dir", str(tmp_path / "conf"), "algo=maml_adam", "algo.inner_lr=0.005", *TINY,
                     f"hydra.run.dir={run}"], cwd=tmp_path, env=cli_env(PYTHONPATH=str(tmp_path / "src")))

@@ -108,7 +108,8 @@ def test_sweep_continues_an_earlier_attempt_and_refuses_another_config(cli, tmp_
 
 
 def test_launcher_mistakes_are_one_line(capsys):
-    from metalearn.cli import _hydra_error_line, main
+    from metalearn.cli import main
+    from metalearn.confdir import error_line
 
     with pytest.raises(SystemExit) as exit_:
         main(["train", "-m", "hydra/launcher=joblb", "data=glyphs"])
@@ -119,7 +120,7 @@ def test_launcher_mistakes_are_one_line(capsys):
     for message, extra in [("In 'hparams_search/metric_based': Could not find 'hydra/sweeper/optuna'", "optuna"),
                            ("In 'hydra/launcher/slurm': Could not find 'hydra/launcher/submitit_slurm'", "slurm"),
                            ("In 'hydra/config': Could not find 'hydra/launcher/joblib'", "joblib")]:
-        line = _hydra_error_line(message, lambda group: [], None, [])
+        line = error_line(message, lambda group: [], None, [])
         assert line.endswith(f'needs the {extra} extra: pip install "metalearn[{extra}]"'), line
 
 
