@@ -10,7 +10,6 @@ one composition of the config instead of three (about a second per command).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
@@ -216,7 +215,7 @@ def data_command(args: list[str]) -> int:
         else:
             print(f"  {split}: {store.num_classes} classes, {len(store)} images of {'x'.join(map(str, store.input_shape))}")
     cache = module.cache_dir(cfg) if hasattr(module, "cache_dir") else None
-    if cache is None and sources:
+    if cache is None and sources and not hasattr(module, "cache_dir"):  # a cache_dir() of None: nothing is cached
         cache = Path(sources[0]).parent / "cache"  # the convention: cache/ beside the files it is built from
         if getattr(cfg, "cache_dir", None):  # ... in the dataset's folder under data.cache_dir
             cache = Path(cfg.cache_dir).expanduser() / Path(sources[0]).parent.name / "cache"
@@ -554,6 +553,17 @@ def _config_dir(args: list[str]) -> tuple[str | None, list[str]]:
     return folder, rest
 
 
+def _searchpath_folder(args: list[str]) -> str | None:
+    """The first local folder a ``hydra.searchpath`` override names (``file://DIR`` or a plain path), or None."""
+    for o in _parsed(args):
+        if o.get_key_element() == "hydra.searchpath" and isinstance(o.value(), list):
+            for entry in o.value():
+                folder = str(entry).removeprefix("file://")
+                if "://" not in folder and Path(folder).is_dir():
+                    return folder
+    return None
+
+
 #: Hydra's flags that take a value (hydra/_internal/utils.py, get_args_parser), and --info's optional one.
 _VALUED_FLAGS = ("--cfg", "-c", "--package", "-p")
 _INFO_VALUES = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
@@ -593,6 +603,8 @@ def _run_app(command: str, rest: list[str]) -> int:
                 checked = _overrides_beside_flags(plain)
                 if checked is not None:  # a mistake is one line with Hydra's flags too
                     _precheck(command, _with_searchpath(checked, config_dir))
+                if config_dir is None and any(a in ("--help", "-h") for a in plain):
+                    config_dir = _searchpath_folder(plain)  # Hydra's help lists the groups of --config-dir only
                 given = ["--config-dir", str(Path(config_dir).absolute())] if config_dir else []
                 sys.argv = [sys.argv[0], *given, *args]
                 APPS[command]()  # Hydra's flags (--help, --cfg, --info ...): hydra.main parses them

@@ -24,7 +24,6 @@ import dataclasses
 import functools
 import importlib
 from importlib import metadata
-from types import ModuleType
 from typing import Any
 
 from metalearn.errors import ConfigError

@@ -13,13 +13,11 @@ and prints the command that trains it. Nothing is overwritten: an existing file 
 from __future__ import annotations
 
 import keyword
-import textwrap
 from pathlib import Path
 
 from metalearn import plugins
 from metalearn.errors import ConfigError
 
-GROUPS = {"algo": "algo", "backbone": "backbone", "data": "data"}
 
 ALGO = '''\
 """{name}: a few-shot classifier of your own (a template written by `metalearn new algo {name}`).

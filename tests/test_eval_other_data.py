@@ -313,3 +313,10 @@ def test_lake_converter_and_scoring(run, tmp_path, capsys):
     assert broken.returncode == 2 and len(broken.stderr.strip().splitlines()) == 1
     assert re.search(r"class_labels.txt line \d+: run03/test/item04.png is not a file of .*run03", broken.stderr)
     assert not (tmp_path / "lake3").exists()
+
+
+def test_data_info_of_fixed_episodes_prints_no_cache_line(episodes, cli):
+    proc = cli.run(["data", "info", "data=episodes", f"data.path={episodes}", "data.image_size=28", "data.channels=1"],
+                   episodes.parent)
+    assert proc.returncode == 0, cli.describe(proc)
+    assert "ready" in proc.stdout and "cache" not in proc.stdout  # nothing is cached for fixed episodes

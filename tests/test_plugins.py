@@ -207,9 +207,10 @@ def test_hydra_searchpath_finds_the_user_yaml_and_typed_validation_stays(package
     proc = run_cli(["train", "--cfg", "job", "--config-dir", str(package / "conf"), "algo=tempproto"], cwd=tmp_path,
                    env=env)
     assert proc.returncode == 0 and "init_temperature: 2.0" in proc.stdout, describe(proc)
-    # --help lists the user's options too
-    proc = run_cli(["train", "--config-dir", str(package / "conf"), "--help"], cwd=tmp_path, env=env)
-    assert proc.returncode == 0 and "tempproto" in proc.stdout, describe(proc)
+    # --help lists the user's options too, found either way
+    for flags in (["--config-dir", str(package / "conf")], [searchpath]):
+        proc = run_cli(["train", *flags, "--help"], cwd=tmp_path, env=env)
+        assert proc.returncode == 0 and "tempproto" in proc.stdout, describe(proc)
 
 
 def test_target_is_refused_with_the_spelling_that_works(package, tmp_path):

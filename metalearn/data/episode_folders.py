@@ -204,6 +204,11 @@ def load(cfg: Config) -> dict[str, EpisodeSet]:
     return {"test": store}
 
 
+def cache_dir(cfg: Config) -> None:
+    """None: nothing is cached (``metalearn data info`` prints no cache line)."""
+    return None
+
+
 def sources(cfg: Config) -> list[Path]:
     """The folder the loader reads."""
     return [Path(_absolute(cfg.path))] if cfg.path else []
