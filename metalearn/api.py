@@ -36,14 +36,9 @@ log = logging.getLogger("metalearn")
 
 
 def _searchpath(overrides: Sequence[str], config_dir: str | Path | None) -> list[str]:
-    overrides = list(overrides)
-    if config_dir is None:
-        return overrides
-    folder = Path(config_dir).expanduser().absolute()
-    if not folder.is_dir():
-        raise ConfigError(f"config_dir={config_dir}: no such folder (give the folder that holds your algo/, data/, "
-                          "backbone/ ... config groups)")
-    return [*overrides, f"hydra.searchpath=[file://{folder}]"]
+    if config_dir is not None:
+        confdir.check_config_dir(config_dir, "config_dir=")
+    return confdir.with_searchpath(overrides, config_dir)
 
 
 def _compose(config_name: str, overrides: Sequence[str]) -> DictConfig:
@@ -270,5 +265,4 @@ def episodes(data: str = "glyphs", ways: int = 5, shots: int = 1, queries: int =
     store.eval_transform = eval_transform
     store.check_episode(split, ways, shots, queries)
     sampler = store.sampler(ways, shots, queries, batch_size, seed, training=split == "train")
-    while True:
-        yield sampler.sample()
+    return iter(sampler.sample, None)  # endless: sample() never returns None

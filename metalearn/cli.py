@@ -183,8 +183,7 @@ def data_command(args: list[str]) -> int:
         fail("usage: metalearn data info|prepare data=<name> [data.<key>=<value> ...] [--config-dir DIR] "
              "(no other flags, no sweeps)")
     action, overrides = args[0], args[1:]
-    if config_dir is not None:  # the user's own data options: as --config-dir adds them to train's search path
-        overrides = [*overrides, f"hydra.searchpath=[file://{Path(config_dir).absolute()}]"]
+    overrides = confdir.with_searchpath(overrides, config_dir)  # the user's own data options, as train finds them
     _precheck("train", overrides)
     from hydra.errors import HydraException
 
@@ -345,7 +344,7 @@ def _launch(command: str, args: list[str], config_dir: str | None = None) -> Non
     composed once (the precheck's composition, by the compose API) and run on that config (``_run_composed``),
     where ``hydra.main`` would compose it twice more; a sweep is checked on its first values, then run by
     ``hydra.main`` (Hydra's multirun, launchers and sweepers)."""
-    overrides = _with_searchpath(args, config_dir)
+    overrides = confdir.with_searchpath(args, config_dir)
     if _run_mode(args, _parsed(overrides))[0]:
         _precheck(command, overrides)  # a mistake ends here, in one line
         given = ["--config-dir", str(Path(config_dir).absolute())] if config_dir else []
@@ -366,17 +365,6 @@ def _parsed(overrides: list[str]) -> list:
         return OverridesParser.create().parse_overrides([a for a in overrides if not a.startswith("-")])
     except HydraException:
         return []  # the precheck reports it
-
-
-def _with_searchpath(args: list[str], config_dir: str | None) -> list[str]:
-    """``args`` with ``--config-dir``'s folder added to ``hydra.searchpath`` (after any folders given there)."""
-    if config_dir is None:
-        return args
-    folder = f"file://{Path(config_dir).absolute()}"
-    given = [o for o in _parsed(args) if o.get_key_element() == "hydra.searchpath"][-1:]
-    paths = [*(given[0].value() if given and isinstance(given[0].value(), list) else []), folder]
-    rest = [a for a in args if not (given and a == given[0].input_line)]
-    return [*rest, "hydra.searchpath=[" + ",".join(f"'{p}'" for p in paths) + "]"]
 
 
 class _Callbacks:
@@ -490,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         return _complete(args)
     command, rest = args[0], args[1:]
     hostmem.retain_freed_memory()  # a process setting: freed activations stay for the next task (hostmem.py)
-    plugins.register_configs()  # installed plug-ins are options of their groups (algo=<entry point name>)
+    plugins.register_configs()  # installed plug-ins are options of their groups (algo=<entry point name>); once
     if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):  # a torchrun worker: see metalearn/distributed.py
         from metalearn import distributed, engine
 
@@ -524,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             config_dir, rest = _config_dir(rest)  # the user's presets: a hydra.searchpath override
-            return reproduce_command(_with_searchpath(rest, config_dir), functools.partial(_run_app, "train"))
+            return reproduce_command(confdir.with_searchpath(rest, config_dir), functools.partial(_run_app, "train"))
         except MetalearnError as e:
             fail(e, e.exit_code)
     if command not in APPS:
@@ -547,9 +535,11 @@ def _config_dir(args: list[str]) -> tuple[str | None, list[str]]:
             folder = a.split("=", 1)[1]
         else:
             rest.append(a)
-    if folder is not None and not Path(folder).is_dir():
-        fail(ConfigError(f"--config-dir {folder}: no such folder (give the folder that holds your algo/, data/, "
-                         "backbone/ ... config groups)"))
+    if folder is not None:
+        try:
+            confdir.check_config_dir(folder, "--config-dir")
+        except ConfigError as e:
+            fail(e)
     return folder, rest
 
 
@@ -602,7 +592,7 @@ def _run_app(command: str, rest: list[str]) -> int:
                                      "config (--cfg) or ask for information (--info), one at a time"))
                 checked = _overrides_beside_flags(plain)
                 if checked is not None:  # a mistake is one line with Hydra's flags too
-                    _precheck(command, _with_searchpath(checked, config_dir))
+                    _precheck(command, confdir.with_searchpath(checked, config_dir))
                 if config_dir is None and any(a in ("--help", "-h") for a in plain):
                     config_dir = _searchpath_folder(plain)  # Hydra's help lists the groups of --config-dir only
                 given = ["--config-dir", str(Path(config_dir).absolute())] if config_dir else []

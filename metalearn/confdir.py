@@ -131,3 +131,34 @@ def error_line(message: str, options, compose_job, overrides: list[str]) -> str:
             return f"{group}={node.name} has no option {option!r}; its options are: {options}{hint}"
         return f"unknown option {key!r}; 'metalearn train --cfg job' shows every option (new keys are not accepted)"
     return first
+
+
+def check_config_dir(folder: str | Path, flag: str) -> Path:
+    """The folder of a user's config groups, which must exist (one line if not)."""
+    from metalearn.errors import ConfigError
+
+    path = Path(folder).expanduser().absolute()
+    if not path.is_dir():
+        raise ConfigError(f"{flag} {folder}: no such folder (give the folder that holds your algo/, data/, "
+                          "backbone/ ... config groups)")
+    return path
+
+
+def with_searchpath(overrides: Sequence[str], config_dir: str | Path | None) -> list[str]:
+    """``overrides`` with ``config_dir`` added to ``hydra.searchpath`` (after any folders given there), quoted."""
+    overrides = list(overrides)
+    if config_dir is None:
+        return overrides
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    folder = f"file://{Path(config_dir).expanduser().absolute()}"
+    try:
+        parsed = OverridesParser.create().parse_overrides([a for a in overrides if not a.startswith("-")])
+    except HydraException:
+        parsed = []  # the composition reports it
+    given = [o for o in parsed if o.get_key_element() == "hydra.searchpath"][-1:]
+    paths = [*(given[0].value() if given and isinstance(given[0].value(), list) else []), folder]
+    rest = [a for a in overrides if not (given and a == given[0].input_line)]
+    quoted = ",".join("'" + str(p).replace("\\", "\\\\").replace("'", "\\'") + "'" for p in paths)
+    return [*rest, f"hydra.searchpath=[{quoted}]"]

@@ -198,17 +198,21 @@ def check(run: RunConfig) -> None:
 
 
 def optimizer_names() -> list[str]:
-    """The short names of optim.name: every torch.optim optimizer class, lower-cased (adam, sgd, adamw ...)."""
-    import torch
+    """The short names of optim.name (adam, sgd, adamw ...)."""
+    return sorted(optimizer_classes())
 
+
+def optimizer_classes() -> dict[str, type]:
+    """optim.name -> class: every torch.optim optimizer the trainer can drive as it drives Adam, built from
+    (params, lr, weight_decay), stepped without a closure, on parameters of any shape (not LBFGS, SparseAdam,
+    Muon: give those by optim.optimizer._target_)."""
     import inspect
 
-    # Only those the trainer can drive as it drives Adam: built from (params, lr, weight_decay), stepped without a
-    # closure, on parameters of any shape (not LBFGS, SparseAdam, Muon: give those by optim.optimizer._target_).
-    return sorted(n.lower() for n, c in vars(torch.optim).items()
-                  if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer
-                  and "weight_decay" in inspect.signature(c).parameters
-                  and n.lower() not in ("lbfgs", "sparseadam", "muon"))
+    import torch
+
+    return {n.lower(): c for n, c in vars(torch.optim).items()
+            if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer
+            and "weight_decay" in inspect.signature(c).parameters and n.lower() not in ("lbfgs", "sparseadam", "muon")}
 
 
 def target_class(node: dict | None, where: str) -> Any:

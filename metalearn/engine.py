@@ -167,8 +167,9 @@ def build_optimizer(cfg: RunConfig, params) -> tuple[torch.optim.Optimizer, torc
     elif o.name == "sgd":
         opt = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     else:
-        cls = {n.lower(): c for n, c in vars(torch.optim).items() if isinstance(c, type)}[o.name]
-        opt = cls(params, lr=o.lr, weight_decay=o.weight_decay)
+        from metalearn.config import optimizer_classes
+
+        opt = optimizer_classes()[o.name](params, lr=o.lr, weight_decay=o.weight_decay)
     if o.lr_scheduler is not None:
         sched = _instantiate(o.lr_scheduler, "optim.lr_scheduler", opt)
     elif o.scheduler == "cosine":

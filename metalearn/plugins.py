@@ -197,6 +197,7 @@ def _module_part(target: str) -> str:
     return target.rpartition(".")[0] or target
 
 
+@functools.cache
 def register_configs() -> None:
     """Make every installed plug-in an option of its group (``algo=<entry point name>``) without a YAML of its
     own: a Hydra ConfigStore node holding its name and its Config's defaults (Hydra's public API)."""

@@ -68,13 +68,14 @@ SEARCHPATH: list[str] = []
 
 def preset_names() -> list[str]:
     """Every ``experiment=`` preset: metalearn's and those on ``SEARCHPATH``, through Hydra's config loader."""
-    from hydra.core.global_hydra import GlobalHydra
+    return list(_preset_names(tuple(SEARCHPATH)))
 
+
+@functools.lru_cache(maxsize=None)
+def _preset_names(searchpath: tuple[str, ...]) -> tuple[str, ...]:
     from metalearn import confdir
 
-    with confdir.initialized():
-        return sorted(GlobalHydra.instance().config_loader().get_group_options(
-            "experiment", config_name="config", overrides=list(SEARCHPATH)))
+    return tuple(sorted(confdir.group_options("config", list(searchpath), "experiment")))
 
 
 @dataclass
@@ -393,6 +394,8 @@ def parse(args: list[str]) -> Args:
     overrides: list[str] = []
     source = out = None
     rest = list(args)
+    SEARCHPATH[:] = []  # this command's own (a process may run several: tests, the Python API)
+    preset.cache_clear()
     while rest:
         a = rest.pop(0)
         flag = a.split("=", 1)[0]

@@ -49,7 +49,8 @@ def test_extraction_syncs_before_its_rename_and_the_rename_after(tmp_path, monke
     from metalearn.data import download
 
     calls = []
-    monkeypatch.setattr(os, "sync", lambda: calls.append("sync"))
+    real = download.sync_file_system
+    monkeypatch.setattr(download, "sync_file_system", lambda folder: (calls.append("sync"), real(folder)))
     archive = tmp_path / "a.zip"
     with zipfile.ZipFile(archive, "w") as zf:
         zf.writestr("top/x/1.txt", "one")

@@ -207,10 +207,14 @@ class MAML(Algorithm):
         #: a subclass that overrides a hook (inner_update, inner_loss, outer_loss) runs the plain per-task loop
         #: through its hooks; MAML's own fast paths stay as measured for the default rule.
         self.hooked = any(getattr(type(self), h) is not getattr(MAML, h) for h in HOOKS)
+        if self.hooked and (batched == "fold" or self.recompute):
+            raise ConfigError(f"{type(self).__name__} overrides MAML's hooks, which run in the per-task loop: "
+                              "algo.batched=fold and algo.checkpoint_inner=true are MAML's own rule only; drop them")
         if self.hooked:
             self._batched_forward = None
 
     # ------------------------------------------------------------ hooks: subclass these instead of copying maml.py
+    # (MAML and Meta-SGD run them; ANIL and MAML++ have loops of their own, which do not call them)
 
     def inner_loss(self, outputs: torch.Tensor, targets: torch.Tensor, params: dict) -> torch.Tensor:
         """The loss of one task's support set that the inner loop descends (``params``: the current weights,

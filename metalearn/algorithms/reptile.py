@@ -131,8 +131,9 @@ class Reptile(Algorithm):
         x = torch.cat([batch.support_x, batch.query_x], 1)
         y = torch.cat([batch.support_y, batch.query_y], 1)
         size, steps = self.cfg.inner_batch_size or y.shape[1], self.cfg.inner_steps
-        order = [torch.stack(minibatches(y.shape[1], size, steps, y.device)) if steps else None
-                 for _ in range(batch.num_tasks)]
+        # [tasks, steps, size]: task after task, as the loop draws them
+        order = torch.stack([torch.stack(minibatches(y.shape[1], size, steps, y.device)) for _ in range(batch.num_tasks)]) \
+            if steps else None
         total = {k: torch.zeros_like(p) for k, p in theta.items()}
         per_chunk: dict[str, list[torch.Tensor]] = {}
         chunk = self.task_chunk(batch)
@@ -140,7 +141,7 @@ class Reptile(Algorithm):
             tasks = torch.arange(start, min(start + chunk, batch.num_tasks), device=y.device)
             adapted = {k: v.clone().requires_grad_() for k, v in stack_tasks(theta, len(tasks)).items()}
             for step in range(steps):
-                idx = torch.stack([order[int(t)][step] for t in tasks])  # [tasks, size]
+                idx = order[start:start + len(tasks), step]  # [tasks, size]
                 with torch.enable_grad():
                     adapted = adapt_tasks(forward, adapted, x[tasks[:, None], idx], y[tasks[:, None], idx], 1,
                                           self.cfg.inner_lr, create_graph=False, objective=self.objective)

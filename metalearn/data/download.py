@@ -20,7 +20,7 @@ import zlib
 from pathlib import Path, PurePosixPath
 
 from metalearn.errors import DataError
-from metalearn.fileio import atomic_path, fsync_dir
+from metalearn.fileio import atomic_path, fsync_dir, sync_file_system
 
 _CHUNK = 1 << 20
 
@@ -101,16 +101,17 @@ def extract_zip(archive: str | os.PathLike, dest_dir: str | os.PathLike, subdir:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(member) as src, open(target, "wb") as dst:
                     shutil.copyfileobj(src, dst, _CHUNK)
-            # The extracted files on disk before their folder gets its name (one sync, not one fsync per file:
-            # Omniglot is thousands), and the rename durable: a power cut leaves the old state or the whole folder.
-            os.sync()
+            # The extracted files on disk before their folder gets its name (one sync of that file system, not one
+            # fsync per file: Omniglot is thousands), and the rename durable: a power cut leaves all or nothing.
+            sync_file_system(staging)
             try:
                 os.replace(staging, dest_dir)
-                fsync_dir(dest_dir.parent)
             except OSError:
                 # Another process (a parallel sweep job) extracted the same archive first: use its copy.
                 if not dest_dir.is_dir():
                     raise
+            else:
+                fsync_dir(dest_dir.parent)
     except (zipfile.BadZipFile, zlib.error, EOFError) as e:
         raise DataError(f"{archive} is corrupt ({e}); delete it and run again to download or copy it afresh") from None
     except OSError as e:
