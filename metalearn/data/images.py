@@ -144,14 +144,19 @@ def decode_into(out: torch.Tensor, decode_one: Callable[[T, np.ndarray], object]
 
 
 def resize(images: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
-    """Resize uint8 images [N, C, H, W] to ``size`` (antialiased bilinear on float, rounded: TORCH_BILINEAR).
+    """Resize images [..., C, H, W] to ``size`` (antialiased bilinear on float: TORCH_BILINEAR); integer images
+    are rounded back to their dtype, float ones stay float32.
 
     Images already of that size are returned as they are (the same tensor)."""
     size = (size, size) if isinstance(size, int) else tuple(size)
     if tuple(images.shape[-2:]) == size:
         return images
-    out = F.interpolate(images.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
-    return out.round_().clamp_(0, 255).to(torch.uint8)
+    shape = images.shape
+    out = F.interpolate(images.reshape(-1, *shape[-3:]).float(), size=size, mode="bilinear", antialias=True,
+                        align_corners=False)
+    if not images.is_floating_point():
+        out = out.round_().clamp_(0, 255).to(images.dtype)
+    return out.reshape(*shape[:-2], *size)
 
 
 def decode_many(decode_one: Callable[[T], R], items: Iterable[T], *, workers: int | None = None,

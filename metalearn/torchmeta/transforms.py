@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from metalearn.data.images import resize
 from metalearn.data.transforms import EpisodeTransform
 from metalearn.torchmeta._errors import InvalidArgument, unsupported
 
@@ -340,15 +341,7 @@ class Resize(ImageTransform):
         if isinstance(image, Image.Image):
             h, w = self._target(image.height, image.width)
             return image if (h, w) == (image.height, image.width) else image.resize((w, h), Image.Resampling.BILINEAR)
-        size = self._target(*image.shape[-2:])
-        if tuple(image.shape[-2:]) == size:
-            return image
-        shape = image.shape
-        x = image.reshape(-1, *shape[-3:])
-        out = F.interpolate(x.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
-        if not image.is_floating_point():
-            out = out.round_().clamp_(0, 255).to(image.dtype)
-        return out.reshape(*shape[:-2], *size)
+        return resize(image, self._target(*image.shape[-2:]))  # metalearn's own (data/images.py)
 
     def __repr__(self) -> str:
         return f"Resize({self.size})"
