@@ -313,3 +313,17 @@ def test_completion_of_command_names(cli, tmp_path):
     proc = complete(cli, "metalearn ", tmp_path)
     assert proc.returncode == 0, cli.describe(proc)
     assert proc.stdout.split() == ["train", "eval", "data", "report", "reproduce", "new"]
+
+
+def test_an_editable_install_holds_no_copy_of_the_configs():
+    """The wheel carries conf/ inside the package (test above); an editable install reads the source tree's
+    conf/ and, since hatch_build.py, copies nothing into site-packages."""
+    from importlib import metadata
+
+    try:
+        files = metadata.files("metalearn") or []
+    except metadata.PackageNotFoundError:
+        pytest.skip("metalearn is not installed (run from the source tree)")
+    if not any(str(f).endswith(".pth") for f in files):
+        pytest.skip("not an editable install")
+    assert not [f for f in files if str(f).startswith("metalearn/conf")]
