@@ -27,7 +27,7 @@ class DeviceConfig:
     type: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     data_on_device: bool = True  # keep the dataset on the accelerator and sample episodes there
     # fp32 | bf16: meta-steps and evaluation under bfloat16 autocast (convolutions and matmuls in bf16;
-    # the meta-parameters, the optimizer and the losses stay float32)
+    # the meta-parameters, the optimizer and the losses stay float32) | auto: bf16 on a GPU that has it, else fp32
     precision: str = "fp32"
     # exact | fast: conv4's BatchNorm when it runs a task at a time channels-last on CPU. exact: statistics
     # summed as exactly as NCHW's (float32 meta-gradients as near float64 as the plain NCHW ops'); fast:

@@ -85,7 +85,7 @@ def test_second_order_maml_learns_in_bf16(learning):
 
 
 def test_unknown_precision_is_a_config_error():
-    with pytest.raises(ConfigError, match="device.precision='fp16' is not one of: fp32, bf16"):
+    with pytest.raises(ConfigError, match="device.precision='fp16' is not one of: fp32, bf16, auto"):
         autocast(torch.device("cpu"), "fp16")
 
 
@@ -99,4 +99,22 @@ def test_bf16_run_trains_and_evaluates_through_the_cli(cli, tmp_path):
     (tmp_path / "bad").mkdir()
     bad = cli.run(["train", *cli.FAST, "device=cpu", "device.precision=fp16"], tmp_path / "bad")
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
-    assert bad.stderr.strip().splitlines()[-1] == ("metalearn: error: device.precision='fp16' is not one of: fp32, bf16")
+    assert bad.stderr.strip().splitlines()[-1] == ("metalearn: error: device.precision='fp16' is not one of: fp32, bf16, auto")
+
+
+def test_auto_precision_is_fp32_on_cpu_and_bf16_warns_without_native_support(monkeypatch, caplog):
+    import logging
+
+    from metalearn import engine
+
+    with engine.autocast(torch.device("cpu"), "auto"):
+        assert not torch.is_autocast_enabled("cpu")
+    monkeypatch.setattr(engine, "native_bf16_cpu", lambda: False)
+    monkeypatch.setattr(engine, "_WARNED", set())
+    with caplog.at_level(logging.WARNING, logger="metalearn"):
+        with engine.autocast(torch.device("cpu"), "bf16"):
+            assert torch.is_autocast_enabled("cpu")
+        engine.autocast(torch.device("cpu"), "bf16")  # once per process
+    assert [r.message for r in caplog.records].count(
+        "device.precision=bf16 on a CPU without native bfloat16 (no AVX512-BF16 or AMX): it is emulated, many times "
+        "slower than fp32; device.precision=fp32 (or auto) is faster here") == 1
