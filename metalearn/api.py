@@ -20,6 +20,7 @@ A run directory written here has what ``metalearn report``, ``eval`` and ``train
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import logging
@@ -113,9 +114,10 @@ class Run:
         return evaluate(self.run_dir, **options)
 
 
-def _notebook_logging(run_dir: Path) -> list[logging.Handler]:
-    """Log lines to the console (a notebook shows stderr) unless the user configured logging, and to
-    ``run_dir/train.log`` as the CLI does."""
+@contextlib.contextmanager
+def _run_logging(run_dir: Path) -> Iterator[None]:
+    """During a run: log lines to the console (a notebook shows stderr) unless the user configured logging, and to
+    ``run_dir/train.log`` as the CLI does; after it, the ``metalearn`` logger as it was (handlers and level)."""
     handlers: list[logging.Handler] = []
     fmt = logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     if not log.handlers and not logging.getLogger().handlers:
@@ -125,11 +127,18 @@ def _notebook_logging(run_dir: Path) -> list[logging.Handler]:
     file = logging.FileHandler(run_dir / "train.log")
     file.setFormatter(fmt)
     handlers.append(file)
+    level = log.level
     for h in handlers:
         log.addHandler(h)
-    if log.level == logging.NOTSET or log.level > logging.INFO:
+    if level == logging.NOTSET or level > logging.INFO:
         log.setLevel(logging.INFO)
-    return handlers
+    try:
+        yield
+    finally:
+        for h in handlers:
+            log.removeHandler(h)
+            h.close()
+        log.setLevel(level)
 
 
 def train(config: DictConfig | Sequence[str] | None = None, run_dir: str | Path | None = None,
@@ -167,18 +176,12 @@ def train(config: DictConfig | Sequence[str] | None = None, run_dir: str | Path 
 
     atomic_write_text(hydra_dir / "config.yaml", OmegaConf.to_yaml(job, resolve=False))
     atomic_write_text(hydra_dir / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(overrides)))
-    handlers, failed = _notebook_logging(run_dir), False
     try:
-        results = engine.train(run_cfg, run_dir, algorithm=algorithm)
+        with _run_logging(run_dir):
+            results = engine.train(run_cfg, run_dir, algorithm=algorithm)
     except MetalearnError:
-        failed = True
+        _remove_if_unused(run_dir)  # after the log file is closed
         raise
-    finally:
-        for h in handlers:
-            log.removeHandler(h)
-            h.close()
-        if failed:
-            _remove_if_unused(run_dir)
     return Run(run_dir=run_dir, config=run_cfg, results=results)
 
 

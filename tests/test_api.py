@@ -43,8 +43,14 @@ def test_compose_is_the_cli_config_with_its_interpolations():
 
 @pytest.fixture(scope="module")
 def api_run(tmp_path_factory):
+    import logging
+
     run_dir = tmp_path_factory.mktemp("api") / "run"
-    return metalearn.train(["algo=protonet", *TINY], run_dir=run_dir)
+    logger = logging.getLogger("metalearn")
+    before = (logger.level, list(logger.handlers))
+    run = metalearn.train(["algo=protonet", *TINY], run_dir=run_dir)
+    assert (logger.level, list(logger.handlers)) == before  # the caller's logging is left as it was
+    return run
 
 
 def test_train_writes_a_run_the_cli_reads(api_run, tmp_path):
