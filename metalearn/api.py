@@ -62,10 +62,8 @@ def _compose(config_name: str, overrides: Sequence[str]) -> DictConfig:
     options = functools.partial(confdir.group_options, config_name, searchpath)
     with confdir.isolated():
         for o in parsed:
-            key = o.get_key_element().lstrip("+~")
-            choices = [] if key.startswith("hydra") or o.is_sweep_override() else options(key)
-            if choices and isinstance(o.value(), str) and o.value() not in choices:
-                raise ConfigError(f"unknown {key} {o.value()!r}; choose one of: {', '.join(choices)}")
+            if not o.is_sweep_override():  # a sweep is Hydra's one-line error below
+                confdir.check_choice(options, o.get_key_element(), [o.value()])
         try:
             return hydra_compose(config_name, overrides=overrides)
         except HydraException as e:
@@ -256,16 +254,14 @@ def episodes(data: str = "glyphs", ways: int = 5, shots: int = 1, queries: int =
     normalised as a run on that data would be. ``overrides``: the dataset's keys (``data.root=...``)."""
     from metalearn.config import to_run_config
     from metalearn.data import dataset_module
-    from metalearn.data.common import episode_transforms
+    from metalearn.engine import set_transforms
 
     cfg = to_run_config(_compose("config", _searchpath([f"data={data}", *overrides], config_dir)))
     stores = dataset_module(cfg.data).load(cfg.data)
     if split not in stores:
         raise ConfigError(f"data={data} has no {split} split (it has: {', '.join(stores)})")
-    train_transform, eval_transform = episode_transforms(cfg.data, stores["train"]) if "train" in stores else (None, None)
+    set_transforms(cfg.data, stores)
     store = stores[split]
-    store.train_transform = train_transform if split == "train" else eval_transform
-    store.eval_transform = eval_transform
     store.check_episode(split, ways, shots, queries)
     sampler = store.sampler(ways, shots, queries, batch_size, seed, training=split == "train")
     return iter(sampler.sample, None)  # endless: sample() never returns None

@@ -299,11 +299,10 @@ def _precheck(command: str, args: list[str]) -> DictConfig:
             values = [o.value().start]
         else:
             values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
-        # Checked here because Hydra silently skips a misspelt option of an optional group (experiment).
-        choices = options(key.lstrip("+~")) if not key.startswith("hydra") else []
-        for v in values if choices else []:
-            if isinstance(v, str) and v not in choices:
-                fail(ConfigError(f"unknown {key.lstrip('+~')} {v!r}; choose one of: {', '.join(choices)}"))
+        try:
+            confdir.check_choice(options, key, values)
+        except ConfigError as e:
+            fail(e)
         first.append(f"{key}={values[0]}" if o.is_sweep_override() else o.input_line)
     multirun, mode = _run_mode(args, parsed)
     try:

@@ -162,3 +162,15 @@ def with_searchpath(overrides: Sequence[str], config_dir: str | Path | None) -> 
     rest = [a for a in overrides if not (given and a == given[0].input_line)]
     quoted = ",".join("'" + str(p).replace("\\", "\\\\").replace("'", "\\'") + "'" for p in paths)
     return [*rest, f"hydra.searchpath=[{quoted}]"]
+
+
+def check_choice(options, key: str, values: Sequence) -> None:
+    """One line if a group option among ``values`` of override ``key`` (``algo``, ``+experiment``) is not one of the
+    group's ``options(group)`` (Hydra silently skips a misspelt option of an optional group, as experiment)."""
+    from metalearn.errors import ConfigError
+
+    group = key.lstrip("+~")
+    choices = options(group) if not group.startswith("hydra") else []
+    for v in values if choices else []:
+        if isinstance(v, str) and v not in choices:
+            raise ConfigError(f"unknown {group} {v!r}; choose one of: {', '.join(choices)}")

@@ -103,10 +103,7 @@ def load_data(cfg: RunConfig, device: torch.device) -> dict[str, ClassStore]:
     if "train" not in stores:  # data=episodes: fixed test episodes, nothing to train on
         raise ConfigError(f"data={cfg.data.name} has no training split (only {', '.join(stores)}); train on another "
                           f"dataset and score the run on this one: metalearn eval run=<run dir> data={cfg.data.name} ...")
-    train_transform, eval_transform = episode_transforms(cfg.data, stores["train"])
-    for split, store in stores.items():
-        store.train_transform = train_transform if split == "train" else eval_transform
-        store.eval_transform = eval_transform
+    set_transforms(cfg.data, stores)
     stores["train"].check_episode("train", cfg.ways, cfg.shots, cfg.queries)
     for split in ("val", "test"):
         stores[split].check_episode(split, cfg.eval.ways, cfg.eval.shots, cfg.eval.queries)
@@ -118,6 +115,15 @@ def load_data(cfg: RunConfig, device: torch.device) -> dict[str, ClassStore]:
             raise ConfigError(f"the {cfg.data.name} images do not fit in the memory of {device}; "
                               "set device.data_on_device=false to keep them in host memory (or on disk)") from None
     return stores
+
+
+def set_transforms(data_cfg, stores: dict[str, ClassStore]) -> None:
+    """Each split's input transforms from ``data.normalize``/``data.augment`` and the training split's statistics:
+    training episodes of the train split augment, every other episode is only normalised."""
+    train_transform, eval_transform = episode_transforms(data_cfg, stores["train"]) if "train" in stores else (None, None)
+    for split, store in stores.items():
+        store.train_transform = train_transform if split == "train" else eval_transform
+        store.eval_transform = eval_transform
 
 
 def problem_info(cfg: RunConfig, train_store: ClassStore) -> ProblemInfo:
