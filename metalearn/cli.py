@@ -59,9 +59,11 @@ examples:
 
 
 def fail(error: Exception, code: int = 2):
-    print(f"metalearn: error: {error}", file=sys.stderr)
-    if "metalearn.distributed" in sys.modules:  # under torchrun: the other ranks then know it is on the console
-        sys.modules["metalearn.distributed"].current().failed(str(error), code)
+    group = sys.modules["metalearn.distributed"].current() if "metalearn.distributed" in sys.modules else None
+    if group is None or group.claim(str(error)):  # under torchrun: unless another rank printed it already
+        print(f"metalearn: error: {error}", file=sys.stderr)
+    if group is not None:
+        group.failed(str(error), code)
     sys.exit(code)
 
 

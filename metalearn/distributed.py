@@ -31,18 +31,23 @@ process gets the base ``Group``, whose every method is the identity):
   ranks), NaN checks use the averaged metrics and the (identical) parameters, so all
   ranks stop after the same step.
 
-Failures: each one reaches the console once, and every process ends non-zero. A rank that fails
-posts its one-line message in the job's key-value store (``Group.failed``). Rank 0 prints its own
-as a single process does. A rank > 0 prints ``metalearn: error: rank R: ...`` unless rank 0 posts
-the same message within a few seconds (the mistakes every rank meets alike: rank 0's line is
-enough). The others then see a collective fail (the failed process closed its connections) and
-leave quietly with its exit code (``PeerLost``); if no rank posted anything (a process killed,
-e.g. by the OOM killer), rank 0 says so in one line, and torchrun's report names the rank.
+Failures: each distinct one reaches the console once, however far apart the ranks meet it, and
+every process ends non-zero. A failing rank first *claims* its one-line message in the job's
+key-value store (an atomic counter per message, ``Group.claim``): only the first claimant prints
+it, so a message met by several ranks, at once or minutes apart, is printed once. Rank 0 prints
+its own as a single process does; a rank > 0 prints ``metalearn: error: rank R: ...``, after
+letting rank 0 go first for ``RANK0_FIRST_S`` (the mistakes every rank meets alike then read as
+in a single process; the wait only decides the wording, never whether a line is printed twice).
+Each failure is also posted (``Group.failed``). The others then see a collective fail (the failed
+process closed its connections) and leave quietly with its exit code (``PeerLost``); if no rank
+posted anything (a process killed, e.g. by the OOM killer), rank 0 says so in one line, and
+torchrun's report names the rank.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -78,9 +83,10 @@ class PeerLost(SystemExit):
     engine let a SystemExit through; the process that failed has told the console why)."""
 
 
-#: How long a rank > 0 waits for rank 0 to post the same failure before printing its own line.
-SAME_FAILURE_WAIT_S = 5.0
+#: How long a failing rank > 0 lets rank 0 claim a failure first (which only changes the wording).
+RANK0_FIRST_S = 2.0
 _FAILED_KEY = "metalearn/failed/"
+_CLAIMED_KEY = "metalearn/claimed/"
 
 
 def _collective(method):
@@ -125,6 +131,13 @@ class Group:
         from metalearn import checkpoint
 
         checkpoint.set_rng_state(ckpt["rng"])
+
+    def claim(self, message: str) -> bool:
+        """Whether this process is the first of its job to report ``message`` (and so prints it)."""
+        return True
+
+    def failed(self, message: str, exit_code: int) -> None:
+        """Post this process's failure for the others of its job."""
 
     def rng_states(self) -> list[dict]:
         """Every rank's global generator states (rank 0's first), for the checkpoint."""
@@ -352,6 +365,13 @@ class ProcessGroup(Group):
         except (RuntimeError, ValueError):  # the store is gone with rank 0, or unreadable
             return None
 
+    def claim(self, message: str) -> bool:
+        try:
+            key = _CLAIMED_KEY + hashlib.sha256(message.encode()).hexdigest()
+            return self._store().add(key, 1) == 1
+        except RuntimeError:  # no store left to ask: printing twice beats printing never
+            return True
+
     def failed(self, message: str, exit_code: int) -> None:
         try:
             self._store().set(f"{_FAILED_KEY}{self.rank}", json.dumps({"message": message, "exit_code": exit_code}))
@@ -359,12 +379,13 @@ class ProcessGroup(Group):
             pass
 
     def report(self, message: str, exit_code: int) -> None:
-        """A rank > 0 fails: post it, and print it with the rank unless rank 0 posts the same failure."""
+        """A rank > 0 fails: post it, give rank 0 a moment to claim it, and print it with the rank if no
+        other process has."""
         self.failed(message, exit_code)
-        deadline = time.monotonic() + SAME_FAILURE_WAIT_S
-        while (main := self._posted(0)) is None and time.monotonic() < deadline:
+        deadline = time.monotonic() + RANK0_FIRST_S
+        while self._posted(0) is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        if main is None or main["message"] != message:
+        if self.claim(message):
             print(f"metalearn: error: rank {self.rank}: {message}", file=sys.stderr, flush=True)
 
     def lost(self, error: Exception) -> PeerLost:

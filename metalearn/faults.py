@@ -14,6 +14,9 @@ Unset (always, outside the fault tests) every hook is one ``is None`` check. Set
   ``test:N:K`` in the final test (N = steps), after K rounds.
 * ``@R``: only rank R of a torchrun job (default: every process).
 
+``METALEARN_FAULT_DELAY=<rank>:<seconds>`` makes that rank wait before its fault (ranks meeting
+the same failure seconds apart, for the torchrun tests).
+
 tests/test_faults.py kills runs this way and checks that resuming ends exactly where an
 uninterrupted run does; tests/test_distributed.py fails one rank of a torchrun job.
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from typing import NamedTuple
 
 from metalearn.errors import ConfigError, TrainingError
@@ -67,8 +71,11 @@ def at(phase: str, step: int, detail: object = None, rank: int = 0) -> bool:
             and (f.rank is None or f.rank == rank))
 
 
-def trigger() -> None:
-    """Do the fault's action, now."""
+def trigger(rank: int = 0) -> None:
+    """Do the fault's action, now (after ``METALEARN_FAULT_DELAY``, if it names this rank)."""
+    delay_rank, _, seconds = (os.environ.get(ENV + "_DELAY") or ":").partition(":")
+    if delay_rank and int(delay_rank) == rank:
+        time.sleep(float(seconds))
     if _FAULT.action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     raise TrainingError(f"a fault injected by {ENV}={_SPEC} (a testing hook); unset it")
@@ -77,4 +84,4 @@ def trigger() -> None:
 def point(phase: str, step: int, detail: object = None, rank: int = 0) -> None:
     """A place a fault can hit: does nothing unless ``METALEARN_FAULT`` names it."""
     if _SPEC is not None and at(phase, step, detail, rank):
-        trigger()
+        trigger(rank)

@@ -191,6 +191,25 @@ def test_a_failure_on_rank_1_only_reaches_the_console_once_and_ends_every_proces
         assert not (run / "results.json").exists()
 
 
+def test_a_failure_every_rank_meets_is_printed_once_however_far_apart(cli, tmp_path):
+    """Both ranks raise the same error at step 3: together, and with rank 0 6 s after rank 1 (beyond rank 1's wait
+    for rank 0, so rank 1 prints it, with its rank). Either way the console shows it once."""
+    args = ["train", *with_overrides(CONFIG, "steps=6", "trainer.val_every=100", "trainer.ckpt_every=100")]
+
+    def run(run_dir: str, delay: str) -> subprocess.CompletedProcess:
+        env = torchrun_env(METALEARN_FAULT="raise_at=step:3", METALEARN_FAULT_DELAY=delay)
+        return subprocess.run(torchrun_cmd([*args, f"hydra.run.dir={run_dir}"]), cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    together, apart = in_parallel((run, "together", ""), (run, "apart", "0:6"))
+    message = "a fault injected by METALEARN_FAULT=raise_at=step:3 (a testing hook); unset it"
+    for proc, wording in ((together, (f"metalearn: error: {message}", f"metalearn: error: rank 1: {message}")),
+                          (apart, (f"metalearn: error: rank 1: {message}",))):
+        assert proc.returncode != 0, describe(proc)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("metalearn: ")]
+        assert len(errors) == 1 and errors[0] in wording, describe(proc)
+
+
 def test_the_process_group_module_does_not_import_the_engine():
     """The dependency runs one way: engine -> distributed (the torchrun followers' loop is ``engine.follow``)."""
     code = "import sys, metalearn.distributed; assert 'metalearn.engine' not in sys.modules, sorted(sys.modules)"
