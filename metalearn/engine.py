@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from metalearn import __version__, checkpoint, distributed, faults, plugins
@@ -33,6 +34,7 @@ from metalearn.data.transforms import EpisodeTransform
 from metalearn.errors import ConfigError, MetalearnError, TrainingError
 from metalearn.fileio import atomic_write_json
 from metalearn.models import backbone_module, ops
+from metalearn.models.tasks import TaskwiseBackbone
 from metalearn.seeding import seed_everything
 from metalearn.tracking import NoTensorBoard, TensorBoard, hparam_metrics
 
@@ -157,7 +159,31 @@ def build_algorithm(cfg: RunConfig, train: ClassStore | ProblemInfo) -> Algorith
     info = train if isinstance(train, ProblemInfo) else problem_info(cfg, train)
     backbone = backbone_module(cfg.backbone).build(cfg.backbone, info.input_shape)
     ops.use_cpu_kernels(backbone, cfg.device.cpu_kernels)  # exact | fast (models/ops.py)
+    if cfg.device.compile:
+        compile_backbone(cfg, backbone)
     return check_algorithm(cfg, info, algorithm_module(cfg.algo).build(cfg.algo, backbone, info))
+
+
+#: What torch says when a meta-step differentiates through a compiled graph's backward.
+_DOUBLE_BACKWARD = "does not currently support double backward"
+
+
+def _compile_refused(algo_name: str) -> ConfigError:
+    return ConfigError(f"device.compile=true cannot run algo={algo_name}: its meta-step differentiates through the "
+                       "backbone's backward (second order), which torch.compile does not support; use "
+                       "algo.first_order=true or device.compile=false")
+
+
+def compile_backbone(cfg: RunConfig, backbone: nn.Module) -> None:
+    """``device.compile``: torch.compile each task's forward of a TaskwiseBackbone (one graph, whatever the
+    meta-batch), or the whole forward of another backbone. Second-order algorithms are refused here when their
+    config says so, and at their first meta-step otherwise (``Trainer._meta_step``)."""
+    if getattr(cfg.algo, "first_order", None) is False:
+        raise _compile_refused(cfg.algo.name)
+    if isinstance(backbone, TaskwiseBackbone):
+        backbone._features = torch.compile(backbone._features, dynamic=False)
+    else:
+        backbone.compile(dynamic=False)
 
 
 def check_algorithm(cfg: RunConfig, info: ProblemInfo, algo: Algorithm) -> Algorithm:
@@ -544,7 +570,12 @@ class Trainer:
         self.algo.begin_step(self.step, self.cfg.steps)
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device, self.cfg.device.precision):
-            metrics = self.algo.meta_step(batch)
+            try:
+                metrics = self.algo.meta_step(batch)
+            except RuntimeError as e:
+                if self.cfg.device.compile and _DOUBLE_BACKWARD in str(e):
+                    raise _compile_refused(self.cfg.algo.name) from None
+                raise
         self.group.average_gradients(params)  # several processes: the gradient of the whole meta-batch
         faults.point("step", self.step + 1, rank=self.group.rank)  # the testing hook (metalearn/faults.py)
         if self.cfg.optim.grad_clip is not None:

@@ -172,7 +172,9 @@ def engine_config(a, batched: str | None):
     """The run config of the engine side; ``batched`` is an algo.batched value, optionally with a task
     chunk after a colon (``fold:4``)."""
     algo = {"name": a.algo}
-    batched, kernels = batched or "", "exact"
+    batched, kernels, compiled = batched or "", "exact", False
+    if batched.endswith("+compile"):  # e.g. loop+compile: device.compile=true
+        compiled, batched = True, batched.removesuffix("+compile")
     if batched.endswith("+fast"):  # e.g. auto+fast: device.cpu_kernels=fast
         kernels, batched = "fast", batched.removesuffix("+fast")
     if a.algo in MAML_LIKE:
@@ -186,7 +188,7 @@ def engine_config(a, batched: str | None):
             algo["task_chunk"] = int(chunk or a.task_chunk)
     return to_run_config({
         "algo": algo, "data": {"name": "glyphs", "split_sizes": [100, 20, 20]},
-        "backbone": {"name": "conv4", "hidden": a.hidden}, "device": {"type": a.device, "cpu_kernels": kernels},
+        "backbone": {"name": "conv4", "hidden": a.hidden}, "device": {"type": a.device, "cpu_kernels": kernels, "compile": compiled},
         "ways": a.ways,
         "shots": a.shots, "queries": a.queries, "meta_batch_size": a.meta_batch_size,
         "optim": {"name": "adam", "lr": a.outer_lr},
@@ -199,10 +201,11 @@ class Engine:
         cfg = engine_config(a, batched)
         torch.manual_seed(0)  # the same initial weights for every --batched value
         self.algo = build_algorithm(cfg, stores["train"]).to(device)
-        mode = (batched or "").removesuffix("+fast")
+        mode = (batched or "").removesuffix("+compile").removesuffix("+fast")
         if a.algo == "protonet" and mode in ("loop", "fold"):  # the backbone's batch of tasks: one by one or as one
             self.algo.backbone.fold_tasks = mode == "fold"
         self.optimizer, _ = build_optimizer(cfg, self.algo.parameters())
+        self.compiled = cfg.device.compile
 
     def step(self, batch):
         self.optimizer.zero_grad(set_to_none=True)
@@ -318,7 +321,8 @@ def gradient_agreement(engine: Engine, a, batch) -> dict:
     return {"max_abs_diff": max_abs, "max_rel_diff": max_abs / scale, "largest_gradient": scale, "worst_tensor": worst,
             # relative to the largest entry, as above; float32 rounding, each side against float64
             "engine_vs_float64": off(got, truth), "reference_vs_float64": off(want, truth),
-            **same_decisions(engine, a, batch)}
+            # a compiled graph cannot record or replay the decisions, nor be copied into float64
+            **({} if engine.compiled else same_decisions(engine, a, batch))}
 
 
 def time_alternating(sides: dict, batches: list, warmup: int, repeats: int, sync) -> dict[str, list[float]]:
@@ -401,7 +405,8 @@ def main() -> None:
     p.add_argument("--batched", default="auto",
                    help="comma-separated algo.batched values to time, each against the reference (maml, metasgd); "
                         "MODE:N also sets algo.task_chunk=N, MODE+ckpt algo.checkpoint_inner=true, a last +fast "
-                        "device.cpu_kernels=fast, e.g. auto,auto+fast,loop,fold:4,fold:16,loop+ckpt (protonet: loop,fold)")
+                        "device.cpu_kernels=fast, a last +compile device.compile=true, e.g. auto,auto+fast,loop,fold:4,fold:16,"
+                        "loop+ckpt,loop+compile (protonet: loop,fold)")
     p.add_argument("--task-chunk", type=int, default=0, help="algo.task_chunk (0: the algorithm's automatic choice)")
     p.add_argument("--device", default="auto")
     p.add_argument("--warmup", type=int, default=2)

@@ -83,6 +83,8 @@ MISTAKES = {
                                                             "nothing to resume", "overrides.yaml"], 2),
     "resume of a directory that is not a run": (["train", "resume={tmp}"], ["{tmp} has no checkpoints/last.pt",
                                                                           "run directory"], 2),
+    "torch.compile of a second-order algorithm": (["train", *FAST, "device.compile=true", "hydra.run.dir={tmp}/run"],
+                                                  ["device.compile=true", "algo=maml", "algo.first_order=true"], 2),
     "device=cuda without CUDA": (["train", *FAST, "device=cuda", "hydra.run.dir={tmp}/run"],
                                  ["device=cuda", "no CUDA GPU", "device=cpu"], 2),
     "corrupt image file": (["train", "data=imagefolder", "data.path={files}/images", "data.root={tmp}/data",

@@ -59,9 +59,11 @@ Choices, stated:
   the generators under autograd); about half of it is the generators, most of the rest the
   convolutions: u over the support and query images with slow and fast weights, b over the
   queries with slow and per-query fast weights, each forward and backward, alone 3.2-3.5x MAML's
-  meta-step (``metanet_convs`` there), a floor for the model with these kernels. ``fast_body: false`` gives fast weights to the
-  linear head layers only (``fc1``, ``fc2``, ``key_fc1``), the backbones keeping slow weights
-  only: 2-2.3x MAML's meta-step, and still the paper's mechanism on those layers.
+  meta-step (``metanet_convs`` there), a floor for the model with these kernels. ``fast_body: false``,
+  the default, gives fast weights to the linear head layers only (``fc1``, ``fc2``, ``key_fc1``), the
+  backbones keeping slow weights only: 2-2.3x MAML's meta-step, still the paper's mechanism on those
+  layers, and the better score per hour of CPU on the README's side-by-side Omniglot protocol
+  (``fast_body: true``, the ``metanet_omniglot_5w1s`` preset's, is the paper's full model).
 
 Written as pure functions of parameter dicts; the per-example gradients are
 ``torch.func.vmap(torch.func.grad(...))``, the representation-loss gradients of equal-sized
@@ -97,7 +99,7 @@ class Config:
     representation_batches: int = 5  # minibatches of the support set for u's meta-information (the authors: 5)
     preprocess_k: float = 7.0  # gradient preprocessing constant k
     init_scale: float = 0.01  # the generators' output layers start at this fraction of the default init
-    fast_body: bool = True  # fast weights for the backbone's layers too (the paper's Omniglot model); false: head only
+    fast_body: bool = False  # fast weights for the head only; True: for the backbone's layers too (the paper's model)
 
 
 # ---------------------------------------------------------------- the layer-augmented network
