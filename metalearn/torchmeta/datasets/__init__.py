@@ -17,7 +17,8 @@ Differences from torchmeta, all deliberate:
   or a dict of native options (``metalearn.data.<dataset>.Config``), e.g. to read the small
   Omniglot subsets or to set ``image_size``. Omniglot's rotations come from
   ``class_augmentations`` as in torchmeta, so the native ``rotations`` option stays off.
-- ``Glyphs`` (metalearn's offline procedural characters) is an extra.
+- extras, not in torchmeta: ``Glyphs`` (metalearn's offline procedural characters), ``MNIST``
+  (the 10 digits as classes) and ``ImageFolder`` (your own images, one folder per class).
 """
 
 from __future__ import annotations
@@ -27,13 +28,17 @@ from typing import Any, Callable
 from omegaconf import OmegaConf
 
 from metalearn.confdir import CONF_DIR
-from metalearn.data import SPLITS, dataset_module
+from metalearn.data import dataset_module
 from metalearn.data.episodes import ClassStore
-from metalearn.torchmeta._core import ClassDataset, MetaDataset
+from metalearn.torchmeta._core import CombinationMetaDataset, StoreClassDataset, meta_split_of
 from metalearn.torchmeta._errors import InvalidArgument, unsupported
 
+#: The datasets backed by a native one (torchmeta's, then metalearn's extras).
+PROVIDED = ["Omniglot", "MiniImagenet", "TieredImagenet", "CIFARFS", "FC100", "CUB", "DoubleMNIST",
+            "Glyphs", "MNIST", "ImageFolder"]
+
 __all__ = [
-    "Omniglot", "MiniImagenet", "TieredImagenet", "CIFARFS", "FC100", "CUB", "DoubleMNIST", "Glyphs",
+    *PROVIDED,
     # torchmeta datasets without a native one: using them raises Unsupported
     "TripleMNIST", "CIFAR100", "Pascal5i", "TCGA", "Omniprint", "helpers",
 ]
@@ -42,25 +47,10 @@ __all__ = [
 _LOADED: dict[tuple[str, str], dict[str, ClassStore]] = {}
 
 
-def meta_split_of(meta_train: bool, meta_val: bool, meta_test: bool, meta_split: str | None) -> str:
-    """torchmeta's rule: exactly one of the flags, or ``meta_split`` in train/val/test."""
-    flags = int(bool(meta_train)) + int(bool(meta_val)) + int(bool(meta_test))
-    if flags > 1:
-        raise InvalidArgument("more than one of meta_train, meta_val and meta_test is True; set exactly one")
-    if flags == 1:
-        split = "train" if meta_train else "val" if meta_val else "test"
-        if meta_split is not None and meta_split != split:
-            raise InvalidArgument(f"meta_split={meta_split!r} contradicts meta_{split}=True; give one of them")
-        return split
-    if meta_split is None:
-        raise InvalidArgument("the meta-split is undefined; give meta_train=True (or meta_val/meta_test) or meta_split='train'")
-    if meta_split not in SPLITS:
-        raise InvalidArgument(f"unknown meta_split={meta_split!r}; use one of {', '.join(SPLITS)}")
-    return meta_split
-
-
-def native_config(name: str, root: Any, download: bool | None, config: str | dict | None, forced: dict | None = None):
-    """The native ``Config`` of dataset ``name``: a preset or dict (``config``), then ``root`` and ``download``."""
+def native_config(name: str, root: Any, download: bool | None, config: str | dict | None, forced: dict | None = None,
+                  root_field: str = "root"):
+    """The native ``Config`` of dataset ``name``: a preset or dict (``config``), then ``root`` (as the
+    option ``root_field``) and ``download``."""
     from metalearn.config import _typed
 
     module = dataset_module(name)
@@ -76,16 +66,16 @@ def native_config(name: str, root: Any, download: bool | None, config: str | dic
         preset = OmegaConf.load(path)
         if preset.get("name") != name:
             raise InvalidArgument(f"data preset {config!r} is a {preset.get('name')} preset, not {name}; give one of {name}'s")
-        if "root" in preset and root is not None:
-            preset.root = str(root)
+        if root_field in preset and root is not None:
+            preset[root_field] = str(root)
         node = OmegaConf.to_container(preset, resolve=True)
         node.pop("defaults", None)  # the option's choices of other groups (sinusoid: backbone=mlp)
     elif isinstance(config, dict):
         overrides = dict(config)
     elif config is not None:
         raise InvalidArgument(f"config must be a data preset name or a dict of {name} options (got {type(config).__name__})")
-    if root is not None and "root" in fields:
-        node["root"] = str(root)
+    if root is not None and root_field in fields:
+        node[root_field] = str(root)
     if download is not None and "download" in fields:
         node["download"] = bool(download)
     for key, value in (forced or {}).items():
@@ -105,11 +95,12 @@ def load_native(name: str, cfg: Any) -> dict[str, ClassStore]:
     return _LOADED[key]
 
 
-class NativeMetaDataset(MetaDataset):
+class NativeMetaDataset(CombinationMetaDataset):
     """A torchmeta dataset over one split of the native dataset ``native`` (a ``metalearn.data`` name)."""
 
     native = ""
     forced: dict = {}
+    root_field = "root"  # the native option the first argument sets
 
     def __init__(self, root: Any, num_classes_per_task: int | None = None, meta_train: bool = False,
                  meta_val: bool = False, meta_test: bool = False, meta_split: str | None = None,
@@ -119,10 +110,10 @@ class NativeMetaDataset(MetaDataset):
         split = meta_split_of(meta_train, meta_val, meta_test, meta_split)
         if num_classes_per_task is None:
             raise InvalidArgument(f"{type(self).__name__} needs num_classes_per_task, the ways of each task")
-        cfg = native_config(self.native, root, download, config, self.forced)
+        cfg = native_config(self.native, root, download, config, self.forced, self.root_field)
         self.config = cfg
         stores = load_native(self.native, cfg)
-        super().__init__(ClassDataset(stores[split], split, transform, class_augmentations),
+        super().__init__(StoreClassDataset(stores[split], split, transform, class_augmentations),
                          num_classes_per_task, target_transform, dataset_transform)
 
 
@@ -196,8 +187,34 @@ class Glyphs(NativeMetaDataset):
                          target_transform, dataset_transform, class_augmentations, download, config)
 
 
+class MNIST(NativeMetaDataset):
+    """MNIST's 10 digits as classes (about 7000 images each), 28x28, split 0-5 / 6-7 / 8-9 (so
+    val/test tasks are at most 2-way; another split: ``config={"train": [...], "val": [...],
+    "test": [...]}``). An extra, not in torchmeta; files under ``<root>/mnist/``."""
+
+    native = "mnist"
+
+
+class ImageFolder(NativeMetaDataset):
+    """Your own images, one folder per class (every leaf folder under ``folder`` is a class): an
+    extra, not in torchmeta. The classes are dealt 60/20/20 to train/val/test by
+    ``config={"split_seed": ...}`` (or listed: ``config={"train": [...], "val": [...], "test":
+    [...]}``); images are decoded once (``config``: ``image_size``, 84 by default, ``channels`` 3
+    or 1, ``invert``) into metalearn's cache under ``config["root"]`` (``~/.cache/metalearn`` by
+    default); nothing is written inside ``folder``."""
+
+    native = "imagefolder"
+    root_field = "path"
+
+    def __init__(self, folder, num_classes_per_task=None, meta_train=False, meta_val=False, meta_test=False,
+                 meta_split=None, transform=None, target_transform=None, dataset_transform=None,
+                 class_augmentations=None, download=False, config=None):
+        super().__init__(folder, num_classes_per_task, meta_train, meta_val, meta_test, meta_split, transform,
+                         target_transform, dataset_transform, class_augmentations, download, config)
+
+
 def _not_provided(name: str) -> Callable:
-    native = ", ".join(n for n in __all__[:8])
+    native = ", ".join(PROVIDED)
 
     def refuse(*args, **kwargs):
         raise unsupported(f"torchmeta.datasets.{name}", f"metalearn has no native {name}; available: {native}")

@@ -6,6 +6,8 @@ same for the other datasets: the dataset class with ``num_classes_per_task=ways`
 ``test_shots`` (default ``shots``) test samples per class, seeded with ``seed``. ``kwargs`` go to
 the dataset class (``meta_train=True``, ``download=...``, ``transform=...``, ``config=...``).
 Omniglot (and ``glyphs``) also default to ``class_augmentations=[Rotation([90, 180, 270])]``.
+Besides torchmeta's helpers: ``glyphs``, ``mnist`` and ``imagefolder`` (``folder``: your class
+folders); ``triplemnist`` raises ``Unsupported`` (metalearn has no TripleMNIST source).
 Images default to float tensors in [0, 1] at the native size (torchmeta's ``Resize`` +
 ``ToTensor``).
 """
@@ -19,8 +21,9 @@ from metalearn.torchmeta import datasets as D
 from metalearn.torchmeta._errors import unsupported
 from metalearn.torchmeta.transforms import Categorical, ClassSplitter, Rotation
 
-__all__ = ["omniglot", "miniimagenet", "tieredimagenet", "cifar_fs", "fc100", "cub", "doublemnist", "glyphs",
-           "triplemnist"]
+__all__ = ["omniglot", "miniimagenet", "tieredimagenet", "cifar_fs", "fc100", "cub", "doublemnist", "triplemnist",
+           # metalearn's extras
+           "glyphs", "mnist", "imagefolder"]
 
 
 def _helper(klass, folder, shots, ways, shuffle=True, test_shots=None, seed=None, defaults=None, **kwargs) -> Any:
@@ -77,6 +80,18 @@ def glyphs(folder=None, shots=1, ways=5, shuffle=True, test_shots=None, seed=Non
     """Tasks of metalearn's offline procedural glyphs, set up like ``omniglot`` (an extra, not in torchmeta)."""
     return _helper(D.Glyphs, folder, shots, ways, shuffle, test_shots, seed,
                    {"class_augmentations": [Rotation([90, 180, 270])]}, **kwargs)
+
+
+def mnist(folder, shots, ways, shuffle=True, test_shots=None, seed=None, **kwargs):
+    """Tasks of MNIST digits (an extra, not in torchmeta; the standard split has 2 val/test digits, so
+    ``ways=2`` there, or give ``config={"train": [...], "val": [...], "test": [...]}``)."""
+    return _helper(D.MNIST, folder, shots, ways, shuffle, test_shots, seed, None, **kwargs)
+
+
+def imagefolder(folder, shots, ways, shuffle=True, test_shots=None, seed=None, **kwargs):
+    """Tasks of your own images, one folder per class under ``folder`` (an extra, not in torchmeta;
+    see ``datasets.ImageFolder`` for the split and ``config``)."""
+    return _helper(D.ImageFolder, folder, shots, ways, shuffle, test_shots, seed, None, **kwargs)
 
 
 def triplemnist(*args, **kwargs):

@@ -1,0 +1,17 @@
+"""A learn2learn-compatible API on today's PyTorch.
+
+learn2learn's Cython extension does not build on Python 3.11+, so it no longer installs beside a
+current torch. Scripts written for it run here with the import line changed:
+
+    import learn2learn as l2l        ->  import metalearn.learn2learn as l2l
+
+Provided: ``algorithms`` (MAML, MetaSGD, GBML), ``utils`` (clone_module, update_module, detach_module,
+clone_parameters), ``data`` (MetaDataset, UnionMetaDataset, FilteredMetaDataset, Taskset and its task
+transforms), ``nn`` (PrototypicalClassifier, Lambda, Flatten, Scale) and ``vision`` (models, benchmarks).
+What is not provided raises one line naming metalearn's equivalent (README, "Coming from torchmeta or
+learn2learn").
+"""
+
+from metalearn.learn2learn import algorithms, data, nn, utils, vision  # noqa: F401
+from metalearn.learn2learn.utils import (  # noqa: F401  (learn2learn's top-level names)
+    clone_module, clone_parameters, detach_module, magic_box, update_module)
