@@ -15,7 +15,7 @@ from torch import nn
 from torch.func import functional_call
 
 import metalearn.learn2learn as l2l
-from metalearn.learn2learn.algorithms import Unsupported
+from metalearn.learn2learn._errors import Unsupported
 
 DT = torch.float64
 

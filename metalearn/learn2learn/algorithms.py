@@ -25,7 +25,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from metalearn.errors import ConfigError
+from metalearn.learn2learn._errors import unsupported
 from metalearn.learn2learn.utils import clone_module, clone_parameters, update_module
 
 __all__ = ["BaseLearner", "MAML", "MetaSGD", "GBML", "ParameterUpdate", "maml_update", "meta_sgd_update",
@@ -267,14 +267,9 @@ class GBML(BaseLearner):
 # ----------------------------------------------------------------------------- not provided
 
 
-class Unsupported(ConfigError, NotImplementedError):
-    """A learn2learn name that metalearn.learn2learn does not provide (one line naming what to use)."""
-
-
 def _not_provided(name: str, instead: str) -> Callable:
     def refuse(*args, **kwargs):
-        raise Unsupported(f"learn2learn.algorithms.{name} is not provided by metalearn.learn2learn; "
-                          f"train with metalearn itself: {instead}")
+        raise unsupported(f"learn2learn.algorithms.{name}", f"train with metalearn itself: {instead}")
     refuse.__name__ = refuse.__qualname__ = name
     refuse.__doc__ = f"Not provided: calling it raises ``Unsupported`` (use ``{instead}``)."
     return refuse

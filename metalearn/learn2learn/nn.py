@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from metalearn.learn2learn.algorithms import Unsupported
+from metalearn.learn2learn._errors import unsupported
 
 __all__ = ["PrototypicalClassifier", "Lambda", "Flatten", "Scale", "SVClassifier"]
 
@@ -124,5 +124,20 @@ class PrototypicalClassifier(nn.Module):
 
 def SVClassifier(*args, **kwargs):
     """Not provided: raises ``Unsupported`` (metalearn's MetaOptNet-SVM is ``metalearn train algo=metaoptnet_svm``)."""
-    raise Unsupported("learn2learn.nn.SVClassifier is not provided by metalearn.learn2learn; "
-                      "train with metalearn itself: metalearn train algo=metaoptnet_svm")
+    raise unsupported("learn2learn.nn.SVClassifier", "train with metalearn itself: metalearn train algo=metaoptnet_svm")
+
+
+#: learn2learn's ``nn`` names for meta-modules and structured layers: one line each, naming what to use.
+_NOT_PROVIDED = {
+    "MetaModule": "wrap any nn.Module in l2l.algorithms.MAML/MetaSGD/GBML, or use metalearn.torchmeta.modules",
+    "ParameterTransform": "give GBML a transform that builds an nn.Module per parameter",
+    "KroneckerLinear": "use nn.Linear", "KroneckerRNN": "use nn.RNN", "KroneckerLSTM": "use nn.LSTM",
+    "MetaModuleDict": "use nn.ModuleDict", "freeze": "set requires_grad=False on the parameters",
+    "unfreeze": "set requires_grad=True on the parameters",
+}
+
+
+def __getattr__(name: str):
+    if name in _NOT_PROVIDED:
+        raise unsupported(f"learn2learn.nn.{name}", _NOT_PROVIDED[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

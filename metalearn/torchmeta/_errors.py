@@ -10,7 +10,7 @@ from __future__ import annotations
 from metalearn.errors import ConfigError
 
 #: Where the README explains the migration and what is (not) supported.
-SEE = "see README 'Coming from torchmeta'"
+SEE = "see README 'Coming from torchmeta or learn2learn'"
 
 
 class Unsupported(ConfigError, NotImplementedError):

@@ -13,9 +13,10 @@ from metalearn.torchmeta._errors import InvalidArgument
 
 
 class ToyTask(Task):
-    """One regression task: ``task[j]`` is ``(input [1], target [1])``, float32 tensors, through
-    ``transform``/``target_transform`` when given. The task's parameters (``amplitude``,
-    ``phase``, ...) are attributes, as on torchmeta's task classes."""
+    """One regression task: ``task[j]`` is ``(input [1], target [1])``: float32 tensors without transforms;
+    with a ``transform``/``target_transform``, that callable gets what torchmeta gives it, a float64 numpy
+    array of shape ``(1,)`` (the common ``ToTensor1D``, ``torch.from_numpy(a.astype('float32'))``, works).
+    The task's parameters (``amplitude``, ``phase``, ...) are attributes, as on torchmeta's task classes."""
 
     def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, generator: torch.Generator,
                  transform: Callable | None = None, target_transform: Callable | None = None, **parameters: Any):
@@ -30,16 +31,14 @@ class ToyTask(Task):
         return len(self._inputs)
 
     def __getitem__(self, index: int):
-        x, y = self._inputs[index], self._targets[index]
-        if self.transform is not None:
-            x = self.transform(x)
-        if self.target_transform is not None:
-            y = self.target_transform(y)
+        x, y = self._inputs[index], self._targets[index]  # float64
+        x = x.float() if self.transform is None else self.transform(x.numpy())
+        y = y.float() if self.target_transform is None else self.target_transform(y.numpy())
         return x, y
 
     def tensors(self) -> list:
         if self.transform is None and self.target_transform is None:
-            return [self._inputs, self._targets]
+            return [self._inputs.float(), self._targets.float()]
         return super().tensors()
 
     def class_groups(self) -> list[list[int]]:
@@ -110,7 +109,7 @@ class ToyMetaDataset(MetaDataset):
         inputs, targets, parameters = self.draw(generator, self.num_samples_per_task)
         if self.noise_std:
             targets = targets + self.noise_std * torch.randn(targets.shape, generator=generator, dtype=torch.float64)
-        task = ToyTask(inputs.float(), targets.float(), generator, self.transform, self.target_transform, **parameters)
+        task = ToyTask(inputs, targets, generator, self.transform, self.target_transform, **parameters)
         return task if self.dataset_transform is None else self.dataset_transform(task)
 
     def __repr__(self) -> str:

@@ -39,3 +39,21 @@ __all__ = [
     # torchmeta names that raise a clear error when used:
     "FixedCategory", "DefaultTargetTransform", "SegmentationPairTransform", "NumpyToTorch", "CategoricalWrapper",
 ]
+
+#: torchvision transforms scripts import from here after swapping ``torchvision.transforms`` out; each gets one
+#: line naming metalearn's way to the same effect (augmentation runs on whole tasks there).
+_TORCHVISION = ("RandomResizedCrop", "RandomCrop", "RandomHorizontalFlip", "RandomVerticalFlip", "ColorJitter",
+                "RandomRotation", "RandomAffine", "Grayscale", "RandomGrayscale", "Pad", "Lambda", "ToPILImage",
+                "GaussianBlur", "RandomApply", "RandomChoice", "RandomErasing", "AutoAugment", "RandAugment",
+                "TrivialAugmentWide", "FiveCrop", "TenCrop", "LinearTransformation", "ConvertImageDtype")
+
+
+def __getattr__(name: str):
+    if name in _TORCHVISION:
+        from metalearn.torchmeta._errors import unsupported
+
+        raise unsupported(f"torchvision's transforms.{name}",
+                          "for augmentation give the dataset transform=metalearn.data.transforms.EpisodeTransform("
+                          "augment=AugmentConfig(enabled=True, crop_padding=8, flip=True, color_jitter=0.4)) (whole "
+                          "tasks, seeded; AugmentConfig from the same module), or any callable on a PIL image")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

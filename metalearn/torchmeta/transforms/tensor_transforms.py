@@ -125,6 +125,10 @@ class Normalize(ImageTransform):
     def __call__(self, image):
         if isinstance(image, Image.Image) or not image.is_floating_point():
             raise InvalidArgument("Normalize needs float tensors; put ToTensor() before it in the Compose")
+        channels = image.shape[-3]
+        if len(self.mean) not in (1, channels) or len(self.std) not in (1, channels):
+            raise InvalidArgument(f"Normalize has {len(self.mean)} means and {len(self.std)} stds for images of "
+                                  f"{channels} channel(s); give one value or one per channel")
         mean = torch.tensor(self.mean, dtype=image.dtype, device=image.device).view(-1, 1, 1)
         std = torch.tensor(self.std, dtype=image.dtype, device=image.device).view(-1, 1, 1)
         return (image - mean) / std
