@@ -164,8 +164,9 @@ def build_algorithm(cfg: RunConfig, train: ClassStore | ProblemInfo) -> Algorith
     return check_algorithm(cfg, info, algorithm_module(cfg.algo).build(cfg.algo, backbone, info))
 
 
-#: What torch says when a meta-step differentiates through a compiled graph's backward.
-_DOUBLE_BACKWARD = "does not currently support double backward"
+#: What torch says when a meta-step differentiates through a compiled graph's backward (which of the two depends
+#: on whether that backward was compiled before, e.g. by an earlier first-order step).
+_DOUBLE_BACKWARD = ("does not currently support double backward", "requires create_graph=False")
 
 
 def _compile_refused(algo_name: str) -> ConfigError:
@@ -573,7 +574,7 @@ class Trainer:
             try:
                 metrics = self.algo.meta_step(batch)
             except RuntimeError as e:
-                if self.cfg.device.compile and _DOUBLE_BACKWARD in str(e):
+                if self.cfg.device.compile and any(words in str(e) for words in _DOUBLE_BACKWARD):
                     raise _compile_refused(self.cfg.algo.name) from None
                 raise
         self.group.average_gradients(params)  # several processes: the gradient of the whole meta-batch
