@@ -7,7 +7,8 @@ current torch. Scripts written for it run here with the import line changed:
 
 Provided: ``algorithms`` (MAML, MetaSGD, GBML), ``utils`` (clone_module, update_module, detach_module,
 clone_parameters), ``data`` (MetaDataset, UnionMetaDataset, FilteredMetaDataset, Taskset and its task
-transforms), ``nn`` (PrototypicalClassifier, Lambda, Flatten, Scale) and ``vision`` (models, benchmarks).
+transforms), ``nn`` (PrototypicalClassifier, Lambda, Flatten, Scale) and ``vision`` (models, benchmarks,
+transforms).
 What is not provided raises one line naming metalearn's equivalent (README, "Coming from torchmeta or
 learn2learn").
 """
