@@ -33,7 +33,7 @@ class DeviceConfig:
     # summed as exactly as NCHW's (float32 meta-gradients as near float64 as the plain NCHW ops'); fast:
     # PyTorch's channels-last kernel, one float32 pass (README, Speed: 300x the rounding, little faster)
     cpu_kernels: str = "exact"
-    # torch.compile the backbone (each task's forward, for conv4 and resnet12) for algorithms whose meta-step does
+    # torch.compile the backbone's forward (conv4/resnet12: per task on CPU) for algorithms whose meta-step does
     # not differentiate through the backbone's backward (first order, metric, solver heads). Off: on this
     # project's CPUs it was slower (README, Speed), and its first steps wait for the compiler
     compile: bool = False

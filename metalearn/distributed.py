@@ -136,9 +136,6 @@ class Group:
         """Whether this process is the first of its job to report ``message`` (and so prints it)."""
         return True
 
-    def failed(self, message: str, exit_code: int) -> None:
-        """Post this process's failure for the others of its job."""
-
     def rng_states(self) -> list[dict]:
         """Every rank's global generator states (rank 0's first), for the checkpoint."""
         from metalearn import checkpoint
@@ -369,13 +366,13 @@ class ProcessGroup(Group):
         try:
             key = _CLAIMED_KEY + hashlib.sha256(message.encode()).hexdigest()
             return self._store().add(key, 1) == 1
-        except RuntimeError:  # no store left to ask: printing twice beats printing never
+        except (RuntimeError, ValueError):  # no store left to ask: printing twice beats printing never
             return True
 
     def failed(self, message: str, exit_code: int) -> None:
         try:
             self._store().set(f"{_FAILED_KEY}{self.rank}", json.dumps({"message": message, "exit_code": exit_code}))
-        except RuntimeError:
+        except (RuntimeError, ValueError):  # the store is gone with its host, or the group was never made
             pass
 
     def report(self, message: str, exit_code: int) -> None:

@@ -17,6 +17,7 @@ import signal
 import sys
 import time
 import traceback
+import types
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -159,9 +160,10 @@ def build_algorithm(cfg: RunConfig, train: ClassStore | ProblemInfo) -> Algorith
     info = train if isinstance(train, ProblemInfo) else problem_info(cfg, train)
     backbone = backbone_module(cfg.backbone).build(cfg.backbone, info.input_shape)
     ops.use_cpu_kernels(backbone, cfg.device.cpu_kernels)  # exact | fast (models/ops.py)
+    algo = check_algorithm(cfg, info, algorithm_module(cfg.algo).build(cfg.algo, backbone, info))
     if cfg.device.compile:
-        compile_backbone(cfg, backbone)
-    return check_algorithm(cfg, info, algorithm_module(cfg.algo).build(cfg.algo, backbone, info))
+        compile_backbone(cfg.algo.name, algo, backbone)
+    return algo
 
 
 #: What torch says when a meta-step differentiates through a compiled graph's backward (which of the two depends
@@ -175,14 +177,17 @@ def _compile_refused(algo_name: str) -> ConfigError:
                        "algo.first_order=true or device.compile=false")
 
 
-def compile_backbone(cfg: RunConfig, backbone: nn.Module) -> None:
-    """``device.compile``: torch.compile each task's forward of a TaskwiseBackbone (one graph, whatever the
-    meta-batch), or the whole forward of another backbone. Second-order algorithms are refused here when their
-    config says so, and at their first meta-step otherwise (``Trainer._meta_step``)."""
-    if getattr(cfg.algo, "first_order", None) is False:
-        raise _compile_refused(cfg.algo.name)
+def compile_backbone(algo_name: str, algo: Algorithm, backbone: nn.Module) -> None:
+    """``device.compile``: torch.compile the forward of ``algo``'s backbone: a TaskwiseBackbone's per-task
+    ``_features`` (one graph per episode shape on the task-by-task CPU path; folded batches of tasks recompile per
+    number of tasks), another backbone's whole forward. An algorithm that says it differentiates through the
+    backbone's backward is refused here; one that does so without saying, at its first meta-step
+    (``Trainer._meta_step``)."""
+    if algo.differentiates_backbone_backward():
+        raise _compile_refused(algo_name)
     if isinstance(backbone, TaskwiseBackbone):
-        backbone._features = torch.compile(backbone._features, dynamic=False)
+        # Bound to the instance (not a closure over it), so a deepcopy of the backbone calls its own weights.
+        backbone._features = types.MethodType(torch.compile(type(backbone)._features, dynamic=False), backbone)
     else:
         backbone.compile(dynamic=False)
 
@@ -646,7 +651,7 @@ def follow(group: distributed.ProcessGroup) -> int:
     try:
         ckpt = checkpoint.load(job["checkpoint"]) if job["checkpoint"] else None
         train(to_run_config(job["config"]), Path(job["run_dir"]), resume_from=ckpt)
-    except MetalearnError as e:  # printed with the rank, unless rank 0 failed the same way (it printed that)
+    except MetalearnError as e:  # printed with the rank, unless another process claimed the same message
         group.report(str(e), e.exit_code)
         return e.exit_code
     except (Stopped, distributed.FollowerExit) as e:  # every rank stops together, and rank 0 said why

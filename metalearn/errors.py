@@ -35,3 +35,18 @@ class TrainingError(MetalearnError):
     """Training cannot go on (e.g. the loss became NaN)."""
 
     exit_code = 3
+
+
+class Unsupported(ConfigError, NotImplementedError):
+    """A name of torchmeta's or learn2learn's API that metalearn's compatibility layers do not provide (also the
+    ``NotImplementedError`` code written for those libraries expects)."""
+
+
+class InvalidArgument(ConfigError, ValueError):
+    """An argument of torchmeta's or learn2learn's API with a value the library would refuse too (also a
+    ``ValueError``)."""
+
+
+def unsupported_in(layer: str, what: str, instead: str) -> Unsupported:
+    """``Unsupported("<what> is not supported by <layer>; <instead> (see README ...)")``."""
+    return Unsupported(f"{what} is not supported by {layer}; {instead} (see README 'Coming from torchmeta or learn2learn')")

@@ -73,9 +73,14 @@ def at(phase: str, step: int, detail: object = None, rank: int = 0) -> bool:
 
 def trigger(rank: int = 0) -> None:
     """Do the fault's action, now (after ``METALEARN_FAULT_DELAY``, if it names this rank)."""
-    delay_rank, _, seconds = (os.environ.get(ENV + "_DELAY") or ":").partition(":")
-    if delay_rank and int(delay_rank) == rank:
-        time.sleep(float(seconds))
+    delay = os.environ.get(ENV + "_DELAY") or ""
+    if delay:
+        try:
+            delay_rank, seconds = int(delay.split(":")[0]), float(delay.split(":")[1])
+        except (ValueError, IndexError):
+            raise ConfigError(f"{ENV}_DELAY={delay!r} is not <rank>:<seconds> (e.g. 0:6); fix or unset it") from None
+        if delay_rank == rank:
+            time.sleep(seconds)
     if _FAULT.action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     raise TrainingError(f"a fault injected by {ENV}={_SPEC} (a testing hook); unset it")

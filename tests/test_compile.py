@@ -29,7 +29,11 @@ def test_a_compiled_run_gives_the_plain_runs_numbers(algo, tmp_path):
 
 
 def test_a_second_order_step_through_a_compiled_backbone_is_one_error(tmp_path):
-    """MAML++ is second order from ``algo.first_order_steps`` on: nothing in its config says so up front."""
+    """MAML++ turns second order at ``algo.first_order_steps`` (2 here, of TINY's 4): its third meta-step is caught.
+    ANIL, second order in its head only, compiles and trains."""
     with pytest.raises(metalearn.ConfigError, match="device.compile=true cannot run algo=mamlpp.*device.compile=false"):
-        metalearn.train(["algo=mamlpp", "algo.first_order_steps=0", "algo.inner_steps=1", "algo.test_inner_steps=1", *TINY, "backbone.hidden=8",
-                         "device.compile=true"], run_dir=tmp_path / "run")
+        metalearn.train(["algo=mamlpp", "algo.first_order_steps=2", "algo.inner_steps=1", "algo.test_inner_steps=1",
+                         *TINY, "backbone.hidden=8", "device.compile=true"], run_dir=tmp_path / "run")
+    assert not (tmp_path / "run" / "results.json").exists()
+    run = metalearn.train(["algo=anil", *TINY, "backbone.hidden=8", "device.compile=true"], run_dir=tmp_path / "anil")
+    assert 0 <= run.accuracy <= 1

@@ -390,3 +390,22 @@ def test_what_is_left_unsupported_says_so_in_one_line():
         CombinationMetaDataset([TensorDataset(torch.zeros(2))], 1)
     with pytest.raises(InvalidArgument, match="tuple of 2 class indices"):
         CombinationMetaDataset(Blobs([4, 4, 4]), 2)[1]
+
+
+def test_a_native_task_splits_the_same_way_every_time_for_a_splitters_seed():
+    """ClassSplitter applied by hand to one task of a native dataset (the batched path of StoreTask.split)."""
+    from metalearn.torchmeta import datasets
+
+    task = datasets.Glyphs(None, 5, meta_train=True, config={"split_sizes": [40, 10, 20], "samples_per_class": 20})[
+        (0, 1, 2, 3, 4)]
+
+    def images(split):
+        return torch.stack([split[i][0] for i in range(len(split))])
+
+    splitter = ClassSplitter(shuffle=True, num_train_per_class=1, num_test_per_class=5)
+    first, again = splitter(task), splitter(task)
+    assert torch.equal(images(first["train"]), images(again["train"]))
+    assert torch.equal(images(first["test"]), images(again["test"]))
+    reseeded = ClassSplitter(shuffle=True, num_train_per_class=1, num_test_per_class=5)
+    reseeded.seed(1)
+    assert not torch.equal(images(first["train"]), images(reseeded(task)["train"]))

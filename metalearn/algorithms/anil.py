@@ -44,6 +44,9 @@ class ANIL(MAML):
 
     tasks = ("classification",)  # its own loops score with cross-entropy
 
+    def differentiates_backbone_backward(self) -> bool:
+        return False  # only the head adapts: the backbone runs once per task and is differentiated once
+
     def _query_logits(self, support: torch.Tensor, query: torch.Tensor, support_y: torch.Tensor, head: dict,
                       steps: int, create_graph: bool) -> torch.Tensor:
         """Embeddings [T, n, F] -> query logits [T, n_q, ways] after adapting ``head`` on each task's support."""

@@ -105,6 +105,12 @@ class Algorithm(nn.Module):
     def check_episode(self, ways: int, shots: int, queries: int) -> None:
         """Raise ConfigError if this algorithm cannot handle such episodes (e.g. a fixed-size head)."""
 
+    def differentiates_backbone_backward(self) -> bool:
+        """Whether ``meta_step`` differentiates through the backbone's backward (second-order adaptation of the
+        backbone's weights), which ``device.compile`` cannot run. A step that does so anyway is caught at
+        its first meta-step; saying so here refuses it before anything compiles."""
+        return False
+
 
 class QueryLossAlgorithm(Algorithm):
     """An algorithm with no inner loop: its meta-loss is the mean over tasks of a query loss that is

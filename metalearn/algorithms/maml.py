@@ -269,6 +269,9 @@ class MAML(Algorithm):
                 per_task.setdefault(k, []).append(v)
         return {k: torch.stack(v) for k, v in per_task.items()}
 
+    def differentiates_backbone_backward(self) -> bool:
+        return not self.cfg.first_order  # the inner steps adapt the backbone's weights
+
     def check_episode(self, ways: int, shots: int, queries: int) -> None:
         if self.objective.task == "classification" and ways != self.ways:
             raise ConfigError(f"{self.cfg.name}'s classifier has {self.ways} outputs (trained {self.ways}-way); "

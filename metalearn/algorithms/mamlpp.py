@@ -118,6 +118,10 @@ class MAMLpp(MAML):
 
     tasks = ("classification",)  # its own loops score with cross-entropy
 
+    def differentiates_backbone_backward(self) -> bool:
+        # Second order from the start; later (derivative-order annealing) the engine catches its first such step.
+        return self.cfg.first_order_steps == 0
+
     def __init__(self, cfg: Config, backbone: nn.Module, info: ProblemInfo):
         super().__init__(cfg, backbone, info)
         if cfg.inner_steps < 1:

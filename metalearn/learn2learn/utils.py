@@ -132,10 +132,12 @@ def _update(module: nn.Module, explicit: dict | None, memo: dict) -> None:
             if key in memo:  # shared: already updated where it was met first
                 store[name] = memo[key]
                 continue
-            u = explicit.get(key) if explicit is not None and store is module._parameters \
-                else getattr(t, "update", None)
+            from_attribute = explicit is None or store is not module._parameters
+            u = getattr(t, "update", None) if from_attribute else explicit.get(key)
             if u is not None:
                 memo[key] = store[name] = t + u
+                if from_attribute:
+                    t.update = None  # applied once: a later update_module must not apply it again
     for sub in module._modules.values():
         if sub is not None:
             _update(sub, explicit, memo)

@@ -385,8 +385,10 @@ class StoreTask(Task):
         return StoreTask(self.source, [self.classes[k] for k, _ in runs], [self.samples[k][run] for k, run in runs],
                          [self.targets[k] for k, _ in runs], self.generator, num_classes=self.num_classes)
 
-    def split(self, splits: "OrderedDict[str, int]", shuffle: bool) -> "OrderedDict[str, StoreTask]":
-        """ClassSplitter's work: ``{split: StoreTask}`` with ``splits[split]`` samples of every class."""
+    def split(self, splits: "OrderedDict[str, int]", shuffle: bool,
+              generator: torch.Generator) -> "OrderedDict[str, StoreTask]":
+        """ClassSplitter's work: ``{split: StoreTask}`` with ``splits[split]`` samples of every class, the order
+        drawn from ``generator`` (the splitter's for this task: the same task splits the same way every time)."""
         need = sum(splits.values())
         for c, count in zip(self.classes, self.counts):
             if count < need:
@@ -397,7 +399,7 @@ class StoreTask(Task):
         # One draw for the whole task: a random order of each class's samples (padding slots sort last).
         most = max(self.counts)
         if shuffle:
-            noise = torch.rand(len(self.counts), most, generator=self.generator)
+            noise = torch.rand(len(self.counts), most, generator=generator)
             if min(self.counts) < most:
                 noise.masked_fill_(torch.arange(most) >= torch.tensor(self.counts)[:, None], 2.0)
             order = noise.argsort(dim=1)[:, :need]

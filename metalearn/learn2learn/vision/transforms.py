@@ -56,10 +56,11 @@ class RandomDiscreteRotation:
     def __call__(self, img: Any) -> Any:
         angle = self.get_params(self.degrees)
         if isinstance(img, torch.Tensor):
-            quarter = float(angle) / 90.0
-            if quarter != int(quarter):
-                raise unsupported(f"RandomDiscreteRotation({self.degrees}) on a tensor image (angle {angle})",
+            # Every angle is checked, not only the one drawn: the first tensor fails, not a random later one.
+            if any(float(a) % 90 for a in self.degrees):
+                raise unsupported(f"RandomDiscreteRotation({self.degrees}) on tensor images",
                                   "use multiples of 90 degrees, or give PIL images")
+            quarter = float(angle) / 90.0
             if img.dim() < 2:
                 raise InvalidArgument(f"RandomDiscreteRotation takes images [..., H, W] (got shape {tuple(img.shape)})")
             turns = int(quarter) % 4

@@ -145,7 +145,7 @@ class ClassSplitter_(Splitter):
 
     def __call__(self, task: Any) -> "OrderedDict[str, Any]":
         if isinstance(task, _core.StoreTask):  # a native task splits with one draw, keeping its reads in one go
-            return task.split(self.splits, self.shuffle)
+            return task.split(self.splits, self.shuffle, self.generator_for(task))
         return super().__call__(task)
 
     def __repr__(self) -> str:
