@@ -50,3 +50,14 @@ class InvalidArgument(ConfigError, ValueError):
 def unsupported_in(layer: str, what: str, instead: str) -> Unsupported:
     """``Unsupported("<what> is not supported by <layer>; <instead> (see README ...)")``."""
     return Unsupported(f"{what} is not supported by {layer}; {instead} (see README 'Coming from torchmeta or learn2learn')")
+
+
+def not_provided(layer: str, qualname: str, instead: str):
+    """A stand-in for ``qualname`` (e.g. ``torchmeta.utils.data.SequenceMetaDataset``) of a library's API that
+    ``layer`` does not provide: importing it works, calling it raises ``unsupported_in(layer, qualname, instead)``."""
+    def refuse(*args, **kwargs):
+        raise unsupported_in(layer, qualname, instead)
+
+    refuse.__name__ = refuse.__qualname__ = qualname.rsplit(".", 1)[-1]
+    refuse.__doc__ = f"Not provided: calling it raises ``Unsupported`` ({instead})."
+    return refuse

@@ -25,7 +25,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from metalearn.learn2learn._errors import unsupported
+from metalearn.errors import not_provided
 from metalearn.learn2learn.utils import clone_module, clone_parameters, update_module
 
 __all__ = ["BaseLearner", "MAML", "MetaSGD", "GBML", "ParameterUpdate", "maml_update", "meta_sgd_update",
@@ -268,11 +268,7 @@ class GBML(BaseLearner):
 
 
 def _not_provided(name: str, instead: str) -> Callable:
-    def refuse(*args, **kwargs):
-        raise unsupported(f"learn2learn.algorithms.{name}", f"train with metalearn itself: {instead}")
-    refuse.__name__ = refuse.__qualname__ = name
-    refuse.__doc__ = f"Not provided: calling it raises ``Unsupported`` (use ``{instead}``)."
-    return refuse
+    return not_provided("metalearn.learn2learn", f"learn2learn.algorithms.{name}", f"train with metalearn itself: {instead}")
 
 
 LightningEpisodicModule = _not_provided("LightningEpisodicModule", "metalearn train algo=<name>")

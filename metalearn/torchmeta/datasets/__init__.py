@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 from omegaconf import OmegaConf
 
+from metalearn.errors import not_provided
 from metalearn.confdir import CONF_DIR
 from metalearn.data import dataset_module
 from metalearn.data.episodes import ClassStore
@@ -214,13 +215,8 @@ class ImageFolder(NativeMetaDataset):
 
 
 def _not_provided(name: str) -> Callable:
-    native = ", ".join(PROVIDED)
-
-    def refuse(*args, **kwargs):
-        raise unsupported(f"torchmeta.datasets.{name}", f"metalearn has no native {name}; available: {native}")
-    refuse.__name__ = refuse.__qualname__ = name
-    refuse.__doc__ = f"Not provided: calling it raises ``Unsupported`` (metalearn has no native {name})."
-    return refuse
+    return not_provided("metalearn.torchmeta", f"torchmeta.datasets.{name}",
+                        f"metalearn has no native {name}; available: {', '.join(PROVIDED)}")
 
 
 TripleMNIST = _not_provided("TripleMNIST")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from metalearn.torchmeta._errors import unsupported
+from metalearn.errors import not_provided
 
 __all__ = ["TargetTransform", "FixedCategory", "DefaultTargetTransform", "SegmentationPairTransform",
            "NumpyToTorch", "CategoricalWrapper"]
@@ -25,11 +25,7 @@ class TargetTransform:
 
 
 def _not_provided(name: str, instead: str) -> Callable:
-    def refuse(*args, **kwargs):
-        raise unsupported(f"torchmeta.transforms.{name}", instead)
-    refuse.__name__ = refuse.__qualname__ = name
-    refuse.__doc__ = f"Not provided: calling it raises ``Unsupported`` ({instead})."
-    return refuse
+    return not_provided("metalearn.torchmeta", f"torchmeta.transforms.{name}", instead)
 
 
 # Targets here are already class indices (or your class datasets' own targets), never torchmeta's

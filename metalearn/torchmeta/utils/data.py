@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
 from torch.utils.data import default_collate
 
+from metalearn.errors import not_provided
 from metalearn.torchmeta._core import (
     ClassDataset, CombinationMetaDataset, ConcatTask, MetaDataset, OneVsAllMetaDataset, StoreClassDataset, SubsetTask,
     Task, _task_seed, as_store_task, stack_tasks,
@@ -251,11 +252,7 @@ class NonEpisodicWrapper(Dataset):
 
 
 def _not_provided(name: str, instead: str):
-    def refuse(*args, **kwargs):
-        raise unsupported(f"torchmeta.utils.data.{name}", instead)
-    refuse.__name__ = refuse.__qualname__ = name
-    refuse.__doc__ = f"Not provided: calling it raises ``Unsupported`` ({instead})."
-    return refuse
+    return not_provided("metalearn.torchmeta", f"torchmeta.utils.data.{name}", instead)
 
 
 # Not in any torchmeta release (only imported by its unreleased sampler code), so there is no
