@@ -328,6 +328,7 @@ def test_missing_native_files_end_in_the_native_one_line_error(tmp_path):
         with pytest.raises(DataError, match=folder) as info:
             klass(tmp_path, num_classes_per_task=5, meta_train=True, download=False)
         assert "\n" not in str(info.value)
+        assert "set data.root" not in str(info.value)  # a torchmeta user gives the folder as an argument
 
 
 def test_fewer_samples_than_the_splitter_needs_fails_when_the_task_is_built():

@@ -409,3 +409,18 @@ def test_a_native_task_splits_the_same_way_every_time_for_a_splitters_seed():
     reseeded = ClassSplitter(shuffle=True, num_train_per_class=1, num_test_per_class=5)
     reseeded.seed(1)
     assert not torch.equal(images(first["train"]), images(reseeded(task)["train"]))
+
+
+
+def test_a_native_splits_augmentations_do_not_depend_on_which_split_is_read_first():
+    from metalearn.data.transforms import AugmentConfig, EpisodeTransform
+    from metalearn.torchmeta import datasets
+
+    augment = EpisodeTransform(augment=AugmentConfig(enabled=True, crop_padding=4, flip=True, color_jitter=0.0))
+    dataset = ClassSplitter(datasets.Glyphs(None, 5, meta_train=True, transform=augment,
+                                            config={"split_sizes": [40, 10, 20], "samples_per_class": 20}),
+                            shuffle=True, num_train_per_class=1, num_test_per_class=5)
+    test_first = dataset[(0, 1, 2, 3, 4)]["test"].tensors()[0]
+    task = dataset[(0, 1, 2, 3, 4)]
+    task["train"].tensors()
+    assert torch.equal(task["test"].tensors()[0], test_first)

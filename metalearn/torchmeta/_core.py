@@ -413,8 +413,14 @@ class StoreTask(Task):
                 padded[k, : len(s)] = s
         chosen = padded.gather(1, order).split(list(splits.values()), dim=1)
         return OrderedDict((name, StoreTask(self.source, self.classes, list(part.unbind(0)), self.targets,
-                                            self.generator, num_classes=self.num_classes))
+                                            self._child_generator(name), num_classes=self.num_classes))
                            for name, part in zip(splits, chosen))
+
+    def _child_generator(self, split: str) -> torch.Generator:
+        """A split's own generator (for its transforms' draws), from this task's seed and the split's name: a
+        split's augmentations do not depend on which split is read first."""
+        generator = torch.Generator(device=self.generator.device)
+        return generator.manual_seed(_task_seed((self.generator.initial_seed(),), "split", split))
 
     def __repr__(self) -> str:
         return f"StoreTask({self.num_classes} classes, {len(self)} samples)"

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from omegaconf import OmegaConf
 
-from metalearn.errors import not_provided
+from metalearn.errors import DataError, not_provided
 from metalearn.confdir import CONF_DIR
 from metalearn.data import dataset_module
 from metalearn.data.episodes import ClassStore
@@ -92,7 +92,10 @@ def native_config(name: str, root: Any, download: bool | None, config: str | dic
 def load_native(name: str, cfg: Any) -> dict[str, ClassStore]:
     key = (name, repr(cfg))
     if key not in _LOADED:
-        _LOADED[key] = dataset_module(name).load(cfg)
+        try:
+            _LOADED[key] = dataset_module(name).load(cfg)
+        except DataError as e:  # the native line speaks of data.root: here that is the dataset's folder argument
+            raise type(e)(str(e).replace("set data.root to", "give as the dataset's folder (data.root)")) from None
     return _LOADED[key]
 
 
