@@ -107,6 +107,9 @@ class RunConfig:
     steps: int = 60000
     seed: int = 0
     resume: Optional[str] = None
+    # a run directory (its best.pt) or checkpoint file whose backbone weights this run starts from (pre-train, then
+    # meta-train: e.g. a baseline run's backbone under protonet); recorded in this run's config and checkpoints
+    init_from: Optional[str] = None
     eval: EvalConfig = field(default_factory=EvalConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

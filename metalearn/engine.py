@@ -32,7 +32,7 @@ from metalearn.config import RunConfig, flat, to_dict
 from metalearn.data import ClassStore, TaskBatch, dataset_module
 from metalearn.data.common import episode_transforms
 from metalearn.data.transforms import EpisodeTransform
-from metalearn.errors import ConfigError, MetalearnError, TrainingError
+from metalearn.errors import CheckpointError, ConfigError, MetalearnError, TrainingError
 from metalearn.fileio import atomic_write_json
 from metalearn.models import backbone_module, ops
 from metalearn.models.tasks import TaskwiseBackbone
@@ -190,6 +190,45 @@ def compile_backbone(algo_name: str, algo: Algorithm, backbone: nn.Module) -> No
         backbone._features = types.MethodType(torch.compile(type(backbone)._features, dynamic=False), backbone)
     else:
         backbone.compile(dynamic=False)
+
+
+#: Where an algorithm's state dict keeps its backbone: its own ``backbone``, or the MAML family's ``net[0]``.
+_BACKBONE_PREFIXES = ("backbone.", "net.0.")
+
+
+def _backbone_state(state: dict) -> tuple[str, dict] | None:
+    for prefix in _BACKBONE_PREFIXES:
+        part = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+        if part:
+            return prefix, part
+    return None
+
+
+def init_backbone(algo: Algorithm, init_from: str) -> None:
+    """``init_from``: copy the backbone weights of a run (its ``best.pt``) or checkpoint file into ``algo``'s backbone;
+    everything else keeps its fresh initialisation. One-line errors for a missing run, a checkpoint without a
+    backbone and one that does not fit."""
+    try:
+        path = checkpoint.find(Path(init_from).expanduser(), "best")
+    except CheckpointError as e:
+        raise CheckpointError(f"init_from={init_from}: {e}") from None
+    source = _backbone_state(checkpoint.load(path)["model"])
+    if source is None:
+        raise ConfigError(f"init_from={init_from}: {path} keeps no backbone weights (backbone.* or net.0.*); give a "
+                          "run of an algorithm with a backbone (baseline, protonet, maml, ...)")
+    own = algo.state_dict()
+    target = _backbone_state(own)
+    if target is None:
+        raise ConfigError(f"init_from={init_from}: this run's algorithm has no backbone to start from it")
+    prefix, theirs = target[0], source[1]
+    mine = {k.removeprefix(prefix) for k in own if k.startswith(prefix)}
+    wrong = sorted(mine ^ set(theirs)) or [k for k in sorted(mine) if own[prefix + k].shape != theirs[k].shape]
+    if wrong:
+        raise CheckpointError(f"init_from={init_from}: the backbone in {path} does not fit this run's backbone "
+                              f"(first difference: {wrong[0]}); use the backbone settings that run was trained with")
+    own.update({prefix + k: v for k, v in theirs.items()})
+    algo.load_state_dict(own)
+    log.info("backbone initialised from %s", path)
 
 
 def check_algorithm(cfg: RunConfig, info: ProblemInfo, algo: Algorithm) -> Algorithm:
@@ -416,7 +455,10 @@ class Trainer:
         # Rank 0 first: a mistake in the config is then reported once, by rank 0.
         build = (lambda: build_algorithm(cfg, self.stores["train"])) if algorithm is None else \
             (lambda: check_algorithm(cfg, problem_info(cfg, self.stores["train"]), algorithm))
-        self.algo = self.group.main_first(build).to(self.device)
+        self.algo = self.group.main_first(build)
+        if resume_from is None and cfg.init_from is not None:
+            init_backbone(self.algo, cfg.init_from)
+        self.algo = self.algo.to(self.device)
         self.group.broadcast_module(self.algo)
         self.problem = problem_record(cfg, self.stores["train"])  # in every checkpoint, for metalearn eval
         if self.group.is_main:

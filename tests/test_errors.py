@@ -85,6 +85,8 @@ MISTAKES = {
                                                                           "run directory"], 2),
     "torch.compile of a second-order algorithm": (["train", *FAST, "device.compile=true", "hydra.run.dir={tmp}/run"],
                                                   ["device.compile=true", "algo=maml", "algo.first_order=true"], 2),
+    "init_from a missing run": (["train", *FAST, "init_from={tmp}/nope", "hydra.run.dir={tmp}/run"],
+                                ["init_from={tmp}/nope", "does not exist"], 2),
     "device=cuda without CUDA": (["train", *FAST, "device=cuda", "hydra.run.dir={tmp}/run"],
                                  ["device=cuda", "no CUDA GPU", "device=cpu"], 2),
     "corrupt image file": (["train", "data=imagefolder", "data.path={files}/images", "data.root={tmp}/data",
