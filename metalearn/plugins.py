@@ -41,6 +41,7 @@ BUILTINS: dict[str, dict[str, str]] = {
     "algo": {
         "maml": "metalearn.algorithms.maml",
         "protonet": "metalearn.algorithms.protonet",
+        "metabaseline": "metalearn.algorithms.metabaseline",
         "reptile": "metalearn.algorithms.reptile",
         "metasgd": "metalearn.algorithms.metasgd",
         "anil": "metalearn.algorithms.anil",
