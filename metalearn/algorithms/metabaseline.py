@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metalearn.algorithms.base import ProblemInfo, QueryLossAlgorithm, accuracy, task_cross_entropy
+from metalearn.algorithms.protonet import class_means
 from metalearn.data.episodes import TaskBatch
 from metalearn.errors import ConfigError
 
@@ -35,8 +36,7 @@ class Config:
 def centroid_cosine_logits(support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor, ways: int,
                            temperature: torch.Tensor) -> torch.Tensor:
     """[B, n_s, F], [B, n_s], [B, n_q, F] -> [B, n_q, ways]: ``temperature`` x cosine(query, class mean)."""
-    onehot = F.one_hot(support_y, ways).to(support.dtype)  # [B, n_s, ways]
-    centroids = onehot.transpose(1, 2) @ support / onehot.sum(1).unsqueeze(-1)  # [B, ways, F]
+    centroids = class_means(support, support_y, ways)
     return temperature * F.normalize(query, dim=-1) @ F.normalize(centroids, dim=-1).transpose(1, 2)
 
 

@@ -24,10 +24,15 @@ class Config:
     name: str = "protonet"
 
 
+def class_means(support: torch.Tensor, support_y: torch.Tensor, ways: int) -> torch.Tensor:
+    """[B, n_s, F], [B, n_s] -> [B, ways, F]: the mean support embedding of each class (its prototype)."""
+    onehot = F.one_hot(support_y, ways).to(support.dtype)  # [B, n_s, ways]
+    return onehot.transpose(1, 2) @ support / onehot.sum(1).unsqueeze(-1)
+
+
 def prototype_logits(support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor, ways: int) -> torch.Tensor:
     """[B, n_s, F], [B, n_s], [B, n_q, F] -> logits [B, n_q, ways] = -squared distances."""
-    onehot = F.one_hot(support_y, ways).to(support.dtype)  # [B, n_s, ways]
-    prototypes = onehot.transpose(1, 2) @ support / onehot.sum(1).unsqueeze(-1)  # [B, ways, F]
+    prototypes = class_means(support, support_y, ways)
     return -(query.unsqueeze(2) - prototypes.unsqueeze(1)).pow(2).sum(-1)
 
 
