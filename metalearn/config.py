@@ -47,6 +47,7 @@ class EvalConfig:
     shots: int = 1
     queries: int = 15
     batch_size: int = 32  # tasks evaluated together (does not change results)
+    within_group: bool = False  # every episode's classes from one group (an Omniglot alphabet): see RunConfig
 
 
 @dataclass
@@ -103,6 +104,9 @@ class RunConfig:
     ways: int = 5
     shots: int = 1
     queries: int = 15  # per class
+    # every training episode's classes from one group: an Omniglot alphabet, imagefolder's first folder level, a
+    # superclass (hierarchical episodes; Lake et al.'s within-alphabet protocol); groups smaller than ways are skipped
+    within_group: bool = False
     meta_batch_size: int = 32
     steps: int = 60000
     seed: int = 0

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from metalearn import __version__, checkpoint, distributed, faults, plugins
 from metalearn.algorithms import ALGORITHMS, Algorithm, ProblemInfo, algorithm_module
 from metalearn.config import RunConfig, flat, to_dict
-from metalearn.data import ClassStore, TaskBatch, dataset_module
+from metalearn.data import ClassStore, TaskBatch, load_splits
 from metalearn.data.common import episode_transforms
 from metalearn.data.transforms import EpisodeTransform
 from metalearn.errors import CheckpointError, ConfigError, MetalearnError, TrainingError
@@ -102,7 +102,7 @@ def autocast(device: torch.device, precision: str):
 def load_data(cfg: RunConfig, device: torch.device) -> dict[str, ClassStore]:
     """The train/val/test task sources of ``cfg.data``, checked against the episode shapes, with
     their input transforms (``data.normalize``, ``data.augment``) set, on ``device`` if asked."""
-    stores = dataset_module(cfg.data).load(cfg.data)
+    stores = load_splits(cfg.data)
     if "train" not in stores:  # data=episodes: fixed test episodes, nothing to train on
         raise ConfigError(f"data={cfg.data.name} has no training split (only {', '.join(stores)}); train on another "
                           f"dataset and score the run on this one: metalearn eval run=<run dir> data={cfg.data.name} ...")
@@ -110,6 +110,8 @@ def load_data(cfg: RunConfig, device: torch.device) -> dict[str, ClassStore]:
     stores["train"].check_episode("train", cfg.ways, cfg.shots, cfg.queries)
     for split in ("val", "test"):
         stores[split].check_episode(split, cfg.eval.ways, cfg.eval.shots, cfg.eval.queries)
+    check_within_group(cfg.data.name, stores, cfg.ways, cfg.within_group, ["train"], "within_group")
+    check_within_group(cfg.data.name, stores, cfg.eval.ways, cfg.eval.within_group, ["val", "test"], "eval.within_group")
     if cfg.device.data_on_device:
         try:
             for store in stores.values():
@@ -118,6 +120,19 @@ def load_data(cfg: RunConfig, device: torch.device) -> dict[str, ClassStore]:
             raise ConfigError(f"the {cfg.data.name} images do not fit in the memory of {device}; "
                               "set device.data_on_device=false to keep them in host memory (or on disk)") from None
     return stores
+
+
+def check_within_group(name: str, stores: dict, ways: int, within_group: bool, splits: list[str], key: str) -> None:
+    """One line if ``within_group`` episodes cannot be drawn from ``splits`` (a task source without classes, or
+    no group of ``ways`` classes)."""
+    if not within_group:
+        return
+    for split in splits:
+        store = stores[split]
+        if not hasattr(store, "check_groups"):
+            raise ConfigError(f"{key}=true draws an episode's classes from one group, and data={name} has no "
+                              f"classes to group; set {key}=false")
+        store.check_groups(split, ways)
 
 
 def set_transforms(data_cfg, stores: dict[str, ClassStore]) -> None:
@@ -305,8 +320,10 @@ def mean_ci95(values: torch.Tensor) -> dict[str, float]:
 def evaluate(algo: Algorithm, store: ClassStore, ways: int, shots: int, queries: int,
              episodes: int, batch_size: int, seed: int, device: torch.device,
              between_batches: Callable[[], None] | None = None,
-             group: distributed.Group = distributed.SINGLE, precision: str = "fp32") -> dict[str, dict[str, float]]:
-    """Mean and 95% CI of every metric over ``episodes`` fixed episodes (fixed by ``seed``).
+             group: distributed.Group = distributed.SINGLE, precision: str = "fp32",
+             within_group: bool = False) -> dict[str, dict[str, float]]:
+    """Mean and 95% CI of every metric over ``episodes`` fixed episodes (fixed by ``seed``; ``within_group``:
+    each episode's classes from one group).
 
     ``between_batches`` is called before each batch (the trainer raises from it to stop early).
     With several processes (``group``) the batches go round-robin to the ranks, and every rank
@@ -316,7 +333,7 @@ def evaluate(algo: Algorithm, store: ClassStore, ways: int, shots: int, queries:
     algo.eval()
     mine: list[tuple[int, dict[str, torch.Tensor]]] = []
     # Episodes are drawn one at a time, so the episode stream (and the result) does not depend on batch_size.
-    sampler = store.sampler(ways, shots, queries, 1, seed)
+    sampler = store.sampler(ways, shots, queries, 1, seed, **({"within_group": True} if within_group else {}))
     starts = range(0, episodes, batch_size)
     try:
         for first in range(0, len(starts), group.world_size):  # a round: one batch per rank
@@ -359,9 +376,11 @@ def score_checkpoint(algo: Algorithm, path: Path, cfg: RunConfig, test_store: Cl
     checkpoint.load_model_state(algo, ckpt["model"], path)
     e = cfg.eval
     metrics = evaluate(algo, test_store, e.ways, e.shots, e.queries, cfg.trainer.test_episodes, e.batch_size, seed,
-                       device, between_batches=between_batches, group=group, precision=cfg.device.precision)
+                       device, between_batches=between_batches, group=group, precision=cfg.device.precision,
+                       within_group=e.within_group)
     return {"test": metrics, "checkpoint": str(path), "checkpoint_step": ckpt["step"],
-            "episode": {"ways": e.ways, "shots": e.shots, "queries": e.queries, "task": test_store.task},
+            "episode": {"ways": e.ways, "shots": e.shots, "queries": e.queries, "task": test_store.task,
+                        **({"within_group": True} if e.within_group else {})},
             "episode_seed": seed}  # what fixed the test episodes (trainer.eval_seed + 1), not the run's seed
 
 
@@ -466,7 +485,7 @@ class Trainer:
                 log.info("removed %s, a checkpoint write that did not finish", partial)
         self.optimizer, self.scheduler = build_optimizer(cfg, self.algo.parameters())
         self.sampler = self.stores["train"].sampler(cfg.ways, cfg.shots, cfg.queries, cfg.meta_batch_size, cfg.seed,
-                                                    training=True)
+                                                    training=True, **({"within_group": True} if cfg.within_group else {}))
         self.step, self.best, self.val_pending = 0, Best(), False
         if resume_from is not None:
             if resume_from["step"] > cfg.steps:  # the loop would not run, and the results would claim cfg.steps
@@ -523,7 +542,7 @@ class Trainer:
         e = self.cfg.eval
         return evaluate(self.algo, self.stores[split], e.ways, e.shots, e.queries, episodes, e.batch_size, seed,
                         self.device, between_batches=self._between_batches(split), group=self.group,
-                        precision=self.cfg.device.precision)
+                        precision=self.cfg.device.precision, within_group=e.within_group)
 
     def validate(self, tb: TensorBoard) -> None:
         val = self.evaluate("val", self.cfg.trainer.val_episodes, self.cfg.trainer.eval_seed)

@@ -42,6 +42,8 @@ BUILTINS: dict[str, dict[str, str]] = {
         "maml": "metalearn.algorithms.maml",
         "protonet": "metalearn.algorithms.protonet",
         "metabaseline": "metalearn.algorithms.metabaseline",
+        "rfs": "metalearn.algorithms.rfs",
+        "feat": "metalearn.algorithms.feat",
         "reptile": "metalearn.algorithms.reptile",
         "metasgd": "metalearn.algorithms.metasgd",
         "anil": "metalearn.algorithms.anil",

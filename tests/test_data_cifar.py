@@ -168,6 +168,10 @@ def test_fc100_shares_the_archive_and_cache_and_splits_by_superclass(tmp_path, m
     for name, store in stores.items():
         assert {SUPERCLASS[c] for c in store.class_names} == set(superclasses[name])
         assert store.class_names == sorted(store.class_names) and store.counts.eq(3).all()
+        # within-group episodes draw from one superclass (5 fine classes each)
+        assert store.groups_of_classes() == [SUPERCLASS[c] for c in store.class_names]
+        batch = store.sampler(5, 1, 1, 8, 0, within_group=True).sample()
+        assert all(len({SUPERCLASS[store.class_names[c]] for c in row.tolist()}) == 1 for row in batch.classes)
     assert set(stores["test"].class_names) == set(HIERARCHY["aquatic_mammals"] + HIERARCHY["insects"]
                                                    + HIERARCHY["medium_mammals"] + HIERARCHY["people"])
     assert "bear" in stores["val"].class_names and "bee" in stores["test"].class_names

@@ -49,8 +49,9 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 def write_labels(path: Path, split: str, labels: np.ndarray, key: str = "label_specific") -> None:
     if key == "label_specific":
-        data = {"label_specific": labels.astype(np.int32), "label_general": np.zeros_like(labels, dtype=np.int32),
-                "label_specific_str": CLASSES[split], "label_general_str": ["n00000001"]}
+        # two high-level categories: even and odd classes
+        data = {"label_specific": labels.astype(np.int32), "label_general": (labels % 2).astype(np.int32),
+                "label_specific_str": CLASSES[split], "label_general_str": ["n00000001", "n00000002"]}
     else:  # the MetaOptNet re-pack: global class numbers only
         data = {key: (labels + 100 * (list(CLASSES).index(split) + 1)).tolist()}
     path.write_bytes(pickle.dumps(data, protocol=2))
@@ -185,6 +186,14 @@ def test_episodes_draw_distinct_images_of_the_right_classes(png_root):
         assert torch.equal(markers, batch.classes.gather(1, y))
     rows = (torch.cat([batch.support_x, batch.query_x], 1)[:, :, 1, 0, 0] * 255).round().long()
     assert all(len(set(task.tolist())) == rows.shape[1] for task in rows)  # no image twice in a task
+
+
+def test_categories_are_the_groups_of_within_group_episodes(png_root):
+    root, _ = png_root
+    store = tieredimagenet.load(config(root))["train"]
+    assert store.groups_of_classes() == ["n00000001", "n00000002", "n00000001"]
+    batch = store.sampler(ways=2, shots=1, queries=1, batch_size=16, seed=0, within_group=True).sample()
+    assert all(sorted(task.tolist()) == [0, 2] for task in batch.classes)  # the one category with 2 classes
 
 
 def test_image_size_resizes_while_decoding(png_root):

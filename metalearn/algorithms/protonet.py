@@ -30,10 +30,14 @@ def class_means(support: torch.Tensor, support_y: torch.Tensor, ways: int) -> to
     return onehot.transpose(1, 2) @ support / onehot.sum(1).unsqueeze(-1)
 
 
+def negative_squared_distances(query: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """[B, n_q, F], [B, ways, F] -> [B, n_q, ways]: minus the squared Euclidean distance of each query to each prototype."""
+    return -(query.unsqueeze(2) - prototypes.unsqueeze(1)).pow(2).sum(-1)
+
+
 def prototype_logits(support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor, ways: int) -> torch.Tensor:
     """[B, n_s, F], [B, n_s], [B, n_q, F] -> logits [B, n_q, ways] = -squared distances."""
-    prototypes = class_means(support, support_y, ways)
-    return -(query.unsqueeze(2) - prototypes.unsqueeze(1)).pow(2).sum(-1)
+    return negative_squared_distances(query, class_means(support, support_y, ways))
 
 
 class ProtoNet(QueryLossAlgorithm):

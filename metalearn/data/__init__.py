@@ -21,4 +21,15 @@ def dataset_module(option) -> ModuleType:
     return module_of("data", option)
 
 
-__all__ = ["ClassStore", "EpisodeSampler", "TaskBatch", "DATASETS", "SPLITS", "dataset_module"]
+def load_splits(cfg) -> dict:
+    """The task sources of a typed ``data`` config, as a run uses them: the dataset's ``load(cfg)``, then the
+    options every image dataset shares that act on its classes (``data.rotations``)."""
+    from metalearn.data.common import add_rotations, rotation_splits
+
+    rotation_splits(getattr(cfg, "rotations", False))  # a bad value fails before any data is read
+    stores = dataset_module(cfg).load(cfg)
+    add_rotations(cfg, stores)
+    return stores
+
+
+__all__ = ["ClassStore", "EpisodeSampler", "TaskBatch", "DATASETS", "SPLITS", "dataset_module", "load_splits"]

@@ -103,8 +103,8 @@ def split_stores(cfg: Cifar100Config, data: dict, split_classes: dict[str, list[
     """One ClassStore per split of ``data`` (from ``load_images``): the standard ``split_classes``, or the
     split the config's ``data.train``/``val``/``test``/``split_seed`` choose over the 100 fine classes.
 
-    Classes keep CIFAR-100's (alphabetical) label order within a split; ``split_name`` names
-    the split in error messages (e.g. "CIFAR-FS").
+    Classes keep CIFAR-100's (alphabetical) label order within a split, each grouped under its superclass
+    (``ClassStore.class_groups``); ``split_name`` names the split in error messages (e.g. "CIFAR-FS").
     """
     names = data["fine_names"]
     index = {name: i for i, name in enumerate(names)}
@@ -122,9 +122,14 @@ def split_stores(cfg: Cifar100Config, data: dict, split_classes: dict[str, list[
             f"{archive_path(cfg)} holds no images of {len(empty)} class(es) of the {split_name} split "
             f"(first: {empty[0]}); the archive is incomplete: delete it and run again to download it afresh"
         )
-    return {
-        split: class_subset(data["images"], data["fine_labels"], data["fine_names"], sorted(index[name] for name in classes), MEAN, STD) for split, classes in split_classes.items()
-    }
+    # Each fine class's superclass: the group of within-group episodes (FC100's hierarchy).
+    coarse_of = dict(zip(data["fine_labels"].tolist(), data["coarse_labels"].tolist()))
+    stores = {}
+    for split, classes in split_classes.items():
+        chosen = sorted(index[name] for name in classes)
+        stores[split] = class_subset(data["images"], data["fine_labels"], data["fine_names"], chosen, MEAN, STD)
+        stores[split].class_groups = [data["coarse_names"][coarse_of[c]] for c in chosen]
+    return stores
 
 
 def _url(cfg: Cifar100Config) -> str:

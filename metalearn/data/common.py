@@ -291,6 +291,31 @@ class ImageConfig(SplitConfig):
     image_size: int = 84
     normalize: bool = True  # subtract the dataset's per-channel mean, divide by its std
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # Each class's images turned by 90/180/270 degrees as three more classes: false | true (every split, as
+    # Vinyals et al. on Omniglot) | a list of splits, e.g. [train]. Turned when drawn: no copy is kept.
+    rotations: Any = False
+
+
+def rotation_splits(value: Any) -> tuple[str, ...]:
+    """The splits whose classes ``data.rotations`` turns into four: false/null none, true every split, or the
+    splits listed; anything else is a one-line ConfigError."""
+    if value is None or value is False:
+        return ()
+    if value is True:
+        return SPLIT_NAMES
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) and v in SPLIT_NAMES for v in value):
+        return tuple(split for split in SPLIT_NAMES if split in value)
+    raise ConfigError(f"data.rotations must be true, false or a list of splits from {list(SPLIT_NAMES)} "
+                      f"(got {value!r}), e.g. data.rotations=[train]")
+
+
+def add_rotations(cfg: Any, stores: Mapping[str, Any]) -> None:
+    """Turn the classes of the splits ``data.rotations`` names into four (``ClassStore.rotate_classes``), unless
+    their dataset already did (``store.rotated``); a dataset config without the key has none."""
+    for split in rotation_splits(getattr(cfg, "rotations", False)):
+        store = stores.get(split)
+        if isinstance(store, ClassStore) and not store.rotated:
+            store.rotate_classes()
 
 
 def dataset_dir(cfg: ImageConfig, folder: str | None = None) -> Path:
@@ -302,6 +327,7 @@ def check_image_config(cfg: ImageConfig) -> None:
     if cfg.image_size < 1:
         raise ConfigError(f"data.image_size must be >= 1 (got {cfg.image_size})")
     check_augment(cfg.augment)
+    rotation_splits(cfg.rotations)
 
 
 def episode_transforms(cfg: Any, train_store: Any) -> tuple[Callable | None, Callable | None]:

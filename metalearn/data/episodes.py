@@ -71,6 +71,12 @@ class ClassStore:
 
     Every task source (this, or a regression task generator such as ``sinusoid``) has
     ``task``, ``input_shape``, ``num_classes``, ``check_episode``, ``sampler`` and ``to``.
+
+    Rotations as classes (``rotate_classes``) are lazy: each stored class c becomes classes 4c..4c+3,
+    its images turned by 0, 90, 180, 270 degrees when an episode draws them, so no rotated copy is
+    kept (``counts``/``offsets`` are then per class and point at the stored, unturned images: read
+    images through ``read``). Classes belong to groups (``groups``: an Omniglot alphabet, a first
+    folder level, a superclass) from which within-group episodes draw all their classes.
     """
 
     task = "classification"
@@ -92,6 +98,12 @@ class ClassStore:
         self.class_names = list(class_names)
         self.max_count = int(self.counts.max()) if len(self.counts) else 0
         self.mean, self.std = mean, std
+        # Each stored class is this many classes (its rotations by 90 degrees, turned when read); see rotate_classes.
+        self.turns = 1
+        # True when rotations already are classes of this store (rotate_classes, or a dataset that stores them).
+        self.rotated = False
+        # The group of each class; None: the first "/"-level of its name (Omniglot's alphabet, a first folder).
+        self.class_groups: list[str] | None = None
         # The input transforms of training and evaluation episodes; the run sets them from data.normalize/augment.
         self.train_transform: Transform | None = None
         self.eval_transform: Transform | None = None
@@ -111,6 +123,64 @@ class ClassStore:
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    def rotate_classes(self) -> "ClassStore":
+        """Make each class four: its images turned by 0, 90, 180 and 270 degrees (Vinyals et al. 2016),
+        named ``<name>/rot0`` .. ``<name>/rot270``, class ``4c + k`` turned ``k`` times; in place, lazily
+        (the turn is applied when an episode reads the images), and only once. Square images only."""
+        if self.rotated:
+            return self
+        if self.images.dim() != 4 or self.images.shape[-1] != self.images.shape[-2]:
+            raise DataError(f"data.rotations turns images by 90 degrees and needs square images (got "
+                            f"{list(self.images.shape[1:])}); set data.rotations=false")
+        groups = self.groups_of_classes()
+        self.turns, self.rotated = 4, True
+        self.counts = self.counts.repeat_interleave(4)
+        self.offsets = self.offsets.repeat_interleave(4)
+        self.class_names = [f"{name}/rot{90 * k}" for name in self.class_names for k in range(4)]
+        self.class_groups = [group for group in groups for _ in range(4)]
+        return self
+
+    def read(self, rows: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """The images at ``rows`` (positions in ``images``, any shape [...]) of classes ``classes`` (broadcast
+        to ``rows``' shape), turned as their classes say: [..., C, H, W]."""
+        images = self.images[rows]
+        if self.turns == 1:
+            return images
+        turn = (classes % self.turns).expand(rows.shape)
+        for k in range(1, self.turns):
+            chosen = turn == k
+            if bool(chosen.any()):
+                images[chosen] = torch.rot90(images[chosen], k, dims=(-2, -1))
+        return images
+
+    def groups_of_classes(self) -> list[str]:
+        """Each class's group: ``class_groups`` if the dataset set them, else the first "/"-level of its name."""
+        if self.class_groups is not None:
+            return list(self.class_groups)
+        return [name.split("/")[0] for name in self.class_names]
+
+    def group_table(self, ways: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """(group index of each class [num_classes], the indices of the groups with at least ``ways`` classes,
+        the group names), on the store's device."""
+        names = self.groups_of_classes()
+        order = list(dict.fromkeys(names))
+        index = {name: i for i, name in enumerate(order)}
+        of_class = torch.tensor([index[name] for name in names], dtype=torch.long)
+        sizes = torch.bincount(of_class, minlength=len(order))
+        eligible = torch.nonzero(sizes >= ways).flatten()
+        return of_class.to(self.device), eligible.to(self.device), order
+
+    def check_groups(self, split: str, ways: int) -> None:
+        """Raise a DataError naming the problem if no group of this split has ``ways`` classes."""
+        of_class, eligible, names = self.group_table(ways)
+        if len(eligible) == 0:
+            sizes = torch.bincount(of_class.cpu(), minlength=len(names))
+            largest = int(sizes.argmax()) if len(names) else 0
+            biggest = f"the largest, {names[largest]}, has {int(sizes[largest])}" if names else "it has none"
+            raise DataError(f"within_group episodes need a group of at least ways={ways} classes, and no group of the "
+                            f"{split} split has that many ({len(names)} groups; {biggest}); lower ways, "
+                            "or set within_group=false")
+
     def to(self, device: torch.device | str) -> "ClassStore":
         self.images = self.images.to(device)
         self.counts = self.counts.to(device)
@@ -118,10 +188,11 @@ class ClassStore:
         return self
 
     def sampler(self, ways: int, shots: int, queries: int, batch_size: int, seed: int,
-                training: bool = False) -> "EpisodeSampler":
-        """Episodes of this split, with the training (augmenting) or the evaluation input transform."""
+                training: bool = False, within_group: bool = False) -> "EpisodeSampler":
+        """Episodes of this split, with the training (augmenting) or the evaluation input transform;
+        ``within_group``: every episode's classes from one group (see ``EpisodeSampler``)."""
         transform = self.train_transform if training else self.eval_transform
-        return EpisodeSampler(self, ways, shots, queries, batch_size, seed, transform)
+        return EpisodeSampler(self, ways, shots, queries, batch_size, seed, transform, within_group)
 
     def check_episode(self, split: str, ways: int, shots: int, queries: int) -> None:
         """Raise a DataError naming the problem if this split cannot give such episodes."""
@@ -155,16 +226,21 @@ class EpisodeSampler:
     resumed run draws the same episodes (and augmentations) as an uninterrupted one.
     ``transform(uint8 images, generator) -> float images`` makes the backbone's input
     (default: scale to [0, 1]); see ``data.transforms.EpisodeTransform``.
+
+    ``within_group``: each task first draws a group, uniformly among the groups with at least
+    ``ways`` classes (Lake et al.'s within-alphabet episodes, tieredImageNet's categories), then its
+    classes within it; smaller groups are never drawn.
     """
 
     def __init__(self, store: ClassStore, ways: int, shots: int, queries: int, batch_size: int, seed: int,
-                 transform: Transform | None = None):
+                 transform: Transform | None = None, within_group: bool = False):
         self.store, self.ways, self.shots, self.queries, self.batch_size = store, ways, shots, queries, batch_size
         self.transform = transform
         self.generator = torch.Generator(device=store.device)
         self.generator.manual_seed(seed)
         self._labels = torch.arange(ways, device=store.device)
         self._slots = torch.arange(store.max_count, device=store.device)
+        self._groups = store.group_table(ways)[:2] if within_group else None
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
@@ -177,13 +253,18 @@ class EpisodeSampler:
         B, N, K, Q = self.batch_size, self.ways, self.shots, self.queries
         dev = s.device
         # N distinct classes per task, in random order: the order is the label.
-        classes = torch.rand(B, s.num_classes, generator=g, device=dev).argsort(dim=1)[:, :N]
+        noise = torch.rand(B, s.num_classes, generator=g, device=dev)
+        if self._groups is not None:  # classes outside the task's group sort last
+            of_class, eligible = self._groups
+            group = eligible[torch.randint(len(eligible), (B,), generator=g, device=dev)]
+            noise = noise.masked_fill(of_class[None, :] != group[:, None], 2.0)
+        classes = noise.argsort(dim=1)[:, :N]
         counts = s.counts[classes]
         # K+Q distinct images per class; slots past a class's count sort last.
         noise = torch.rand(B, N, s.max_count, generator=g, device=dev)
         noise = noise.masked_fill(self._slots >= counts[..., None], 2.0)
         picks = noise.argsort(dim=2)[:, :, : K + Q] + s.offsets[classes][..., None]
-        images = s.images[picks]  # [B, N, K+Q, C, H, W] uint8
+        images = s.read(picks, classes[..., None])  # [B, N, K+Q, C, H, W] uint8
         labels = self._labels.view(1, N, 1).expand(B, N, K + Q)
         shape = images.shape[3:]
         sx, qx = images[:, :, :K].reshape(B, N * K, *shape), images[:, :, K:].reshape(B, N * Q, *shape)

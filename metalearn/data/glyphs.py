@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from metalearn.data.common import SplitConfig, check_split_config, choose_split, class_subset, split_indices
 from metalearn.data.episodes import ClassStore
+from metalearn.data.transforms import AugmentConfig, check_augment
 from metalearn.errors import ConfigError
 
 
@@ -44,6 +46,8 @@ class Config(SplitConfig):
     points: int = 4  # control points per stroke
     jitter: float = 0.1  # per-point noise, as a fraction of the image
     generation_seed: int = 0  # draws the glyphs (another seed: another dataset); not the run's seed, not a split seed
+    rotations: Any = False  # 90/180/270-degree turns as new classes: false | true (every split) | a list of splits
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # training-episode augmentation (affine: Koch et al.)
 
 
 def load(cfg: Config) -> dict[str, ClassStore]:
@@ -56,6 +60,7 @@ def load(cfg: Config) -> dict[str, ClassStore]:
     if cfg.image_size < 8 or cfg.points < 2:
         raise ConfigError("glyphs needs data.image_size >= 8 and data.points >= 2")
     check_split_config(cfg)
+    check_augment(cfg.augment)
     images, labels = generate(cfg)
     names = class_names(sum(sizes))
     chosen = choose_split(cfg, names, standard_split(sizes))

@@ -12,9 +12,10 @@ PIL images) and caches the result as uint8 tensors with ink = 255 in
 ``<cache_dir>/omniglot/`` instead, and ``<root>/omniglot/`` is only read
 (zips and extracted folders are looked for there first).
 
-Classes are characters, named ``<Alphabet>/characterNN``. With ``rotations``
-each character also gives three more classes, its drawings turned by 90, 180
-and 270 degrees (Vinyals et al. 2016), named ``.../rot0`` .. ``.../rot270``.
+Classes are characters, named ``<Alphabet>/characterNN``; their group (within-group
+episodes) is the alphabet. With ``rotations`` (true, or a list of splits) each character
+also gives three more classes, its drawings turned by 90, 180 and 270 degrees (Vinyals
+et al. 2016), named ``.../rot0`` .. ``.../rot270``.
 An alphabet in several archives (Greek in both small subsets) is taken from the
 first of ``data.archives`` that has it.
 
@@ -34,15 +35,16 @@ import logging
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
 from metalearn.data import SPLITS
 from metalearn.data.common import (
-    DataDirs, SplitConfig, cached, check_split_config, choose_split, data_dirs, uses_standard_split,
+    DataDirs, SplitConfig, cached, check_split_config, choose_split, data_dirs, rotation_splits, uses_standard_split,
 )
+from metalearn.data.transforms import AugmentConfig, check_augment
 from metalearn.data.download import download, extract_zip
 from metalearn.data.episodes import ClassStore
 from metalearn.data.images import PIL_BILINEAR, decode_array, decode_into
@@ -66,7 +68,10 @@ class Config(SplitConfig):
     root: str = "~/.cache/metalearn"  # data root shared by all datasets; files go under <root>/omniglot/
     cache_dir: Optional[str] = None  # where downloads, extracted archives and the cache go (<cache_dir>/omniglot/); null: the root
     image_size: int = 28
-    rotations: bool = True  # 0/90/180/270 rotations of each character as new classes (Vinyals et al.), applied in every split
+    # 0/90/180/270 rotations of each character as new classes (Vinyals et al.): true (every split) | false |
+    # a list of splits, e.g. [train]
+    rotations: Any = True
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # training-episode augmentation (affine: Koch et al.)
     download: bool = True  # fetch missing official archives
     base_url: str = "https://github.com/brendenlake/omniglot/raw/master/python"  # a mirror may be given
     archives: list[str] = field(default_factory=lambda: ["images_background", "images_evaluation"])
@@ -86,7 +91,8 @@ def load(cfg: Config) -> dict[str, ClassStore]:
     if standard is not None and uses_standard_split(cfg):
         _check_vinyals(set(names), dirs)
     chosen = choose_split(cfg, names, standard, what="character", deal_level=1)
-    return {split: _store(data["images"], data["chars"], keys, [key_of[n] for n in chosen[split]], cfg.rotations)
+    rotated = rotation_splits(cfg.rotations)
+    return {split: _store(data["images"], data["chars"], keys, [key_of[n] for n in chosen[split]], split in rotated)
             for split in SPLITS}
 
 
@@ -153,6 +159,8 @@ def _check_config(cfg: Config, archives: list[str]) -> None:
     if len(set(archives)) != len(archives):
         raise ConfigError(f"data.archives lists an archive twice ({archives}); list each once")
     check_split_config(cfg)
+    rotation_splits(cfg.rotations)
+    check_augment(cfg.augment)
 
 
 def _ensure_archives(dirs: DataDirs, archives: list[str], cfg: Config) -> list[Path]:
@@ -246,8 +254,10 @@ def _store(
     keep = labels >= 0
     x, y = images[keep], labels[keep]
     names = [f"{keys[c][1]}/{keys[c][2]}" for c in chars]
-    if rotations:
+    if rotations:  # stored turned (small images): the torchmeta/learn2learn layers read these stores directly
         x = torch.cat([torch.rot90(x, k, dims=(2, 3)) for k in range(4)])
         y = torch.cat([y * 4 + k for k in range(4)])
         names = [f"{name}/rot{90 * k}" for name in names for k in range(4)]
-    return ClassStore(x, y, names)
+    store = ClassStore(x, y, names)
+    store.rotated = rotations
+    return store

@@ -16,7 +16,7 @@ in either form (``data.form`` picks one; ``auto`` takes the npz where there is o
 
 ``<split>_labels.pkl`` is a dict with ``label_specific`` (the class of each image) and
 ``label_specific_str`` (the class names), plus ``label_general``/``label_general_str`` (the
-high-level categories, not used), as Ren et al. wrote it; or with ``labels`` only (the
+high-level categories: the groups of within-group episodes), as Ren et al. wrote it; or with ``labels`` only (the
 MetaOptNet re-pack), whose classes are then named by their number.
 
 The whole dataset is about 16 GB as uint8, so it is never held in memory: the first load of
@@ -96,12 +96,35 @@ def load(cfg: Config) -> dict[str, ClassStore]:
         channels = cfg.npz_channels if form == "npz" else "rgb"
         index, pixels = _split_cache(dirs, split, form, images, labels, channels, cfg.image_size)
         stores[split] = ClassStore(pixels, index["labels"], index["class_names"], mean=MEAN, std=STD)
+        stores[split].class_groups = _categories(labels, stores[split].class_names)
     standard = {split: list(store.class_names) for split, store in stores.items()}
     chosen = choose_split(cfg, sorted({name for names in standard.values() for name in names}), standard)
     if chosen == standard:
         return stores
     log.info("copying the images of the chosen tieredImageNet split into memory")
-    return regroup(stores, chosen, MEAN, STD)
+    category = {name: group for store in stores.values() for name, group in zip(store.class_names, store.groups_of_classes())}
+    chosen_stores = regroup(stores, chosen, MEAN, STD)
+    for store in chosen_stores.values():
+        store.class_groups = [category[name] for name in store.class_names]
+    return chosen_stores
+
+
+def _categories(labels_path: Path, class_names: list[str]) -> list[str] | None:
+    """Each class's high-level category (``label_general_str``; within-group episodes draw from one), from the
+    labels file (small: read at every load, so the image caches need no rebuild); None when the file has none."""
+    data = read_pickle(labels_path, "tieredImageNet labels")
+    keys = {text(k): v for k, v in data.items()} if isinstance(data, dict) else {}
+    if not {"label_specific", "label_specific_str", "label_general", "label_general_str"} <= set(keys):
+        return None
+    specific, general = np.asarray(keys["label_specific"]), np.asarray(keys["label_general"])
+    specific_names = [text(n) for n in keys["label_specific_str"]]
+    general_names = [text(n) for n in keys["label_general_str"]]
+    if specific.shape != general.shape or (len(general) and not 0 <= general.min() <= general.max() < len(general_names)):
+        raise DataError(f"label_general in {labels_path} does not give every image a category of label_general_str; "
+                        "replace the file")
+    of_class = dict(zip(specific.tolist(), general.tolist()))
+    by_name = {specific_names[c]: general_names[g] for c, g in of_class.items()}
+    return [by_name.get(name, name) for name in class_names]
 
 
 def sources(cfg: Config) -> list[Path]:

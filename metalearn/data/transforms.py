@@ -2,14 +2,16 @@
 
 ``EpisodeTransform`` turns the uint8 images of an episode into the float input of the
 backbone: scale to [0, 1], the standard training augmentation of the 84x84 benchmarks
-(random crop of the zero-padded image, horizontal flip, colour jitter) when enabled, and
+(random crop of the zero-padded image, horizontal flip, colour jitter) and Koch et al.'s
+random affine distortions (rotation, shear, scale, translation) when enabled, and
 per-channel normalisation. Random draws come from the episode sampler's generator, so a
 run's augmentation is fixed by its seed and resumes exactly from a checkpoint.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -19,11 +21,28 @@ from metalearn.errors import ConfigError
 
 
 @dataclass
+class AffineConfig:
+    """Koch, Zemel & Salakhutdinov (2015)'s distortions: each component is applied to an image with
+    probability ``probability``, its value drawn uniformly from its range (0: the component is off)."""
+
+    rotation: float = 0.0  # degrees, from [-r, r] (Koch: 10)
+    shear: float = 0.0  # shear factors along x and y, each from [-s, s] (Koch: 0.3)
+    scale: float = 0.0  # scale factors along x and y, each from [1-s, 1+s] (Koch: 0.2)
+    translate: float = 0.0  # pixels along x and y, each from [-t, t] (Koch: 2, on 105x105 images)
+    probability: float = 0.5  # chance that each component applies to an image (Koch: 0.5)
+
+    @property
+    def enabled(self) -> bool:
+        return any(v > 0 for v in (self.rotation, self.shear, self.scale, self.translate))
+
+
+@dataclass
 class AugmentConfig:
     enabled: bool = False  # applied to training episodes only (support and query), never to val/test
     crop_padding: int = 8  # random crop of the original size from the image zero-padded by this many pixels (0: off)
     flip: bool = True  # random horizontal flip, probability 1/2
     color_jitter: float = 0.4  # brightness, contrast and saturation factors drawn from [1-j, 1+j] (0: off)
+    affine: AffineConfig = field(default_factory=AffineConfig)  # random affine distortions (all 0: off)
 
 
 def check_augment(cfg: AugmentConfig) -> None:
@@ -31,6 +50,14 @@ def check_augment(cfg: AugmentConfig) -> None:
         raise ConfigError(f"data.augment.crop_padding must be >= 0 (got {cfg.crop_padding})")
     if not 0 <= cfg.color_jitter < 1:
         raise ConfigError(f"data.augment.color_jitter must be in [0, 1) (got {cfg.color_jitter})")
+    a = cfg.affine
+    limits = {"rotation": (a.rotation, 180), "shear": (a.shear, 1), "scale": (a.scale, 1), "translate": (a.translate, math.inf)}
+    for key, (value, most) in limits.items():
+        if not 0 <= value < most:
+            bound = f"[0, {most})" if most != math.inf else ">= 0"
+            raise ConfigError(f"data.augment.affine.{key} must be in {bound} (got {value})")
+    if not 0 <= a.probability <= 1:
+        raise ConfigError(f"data.augment.affine.probability must be in [0, 1] (got {a.probability})")
 
 
 def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -89,6 +116,8 @@ def _augment(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.T
     if cfg.flip:
         flip = torch.rand(n, generator=g, device=dev) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    if cfg.affine.enabled:
+        x = _affine(x, cfg.affine, g)
     if cfg.color_jitter > 0:
         j = cfg.color_jitter
         factors = 1 - j + 2 * j * torch.rand(3, n, 1, 1, 1, generator=g, device=dev)
@@ -100,6 +129,31 @@ def _augment(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.T
             grey = _grey(x)
             x = ((x - grey) * saturation + grey).clamp_(0, 1)
     return x
+
+
+def _affine(x: torch.Tensor, cfg: AffineConfig, g: torch.Generator) -> torch.Tensor:
+    """Each image through its own random affine map (Koch et al. 2015): rotation, shear, scale and translation,
+    each applied with probability ``cfg.probability``; bilinear resampling, zeros outside (the background)."""
+    n, _, h, w = x.shape
+    dev = x.device
+    # One draw of every value for every image, whether applied or not: the stream does not depend on the data.
+    u = torch.rand(7, n, generator=g, device=dev) * 2 - 1  # angle, shear x/y, scale x/y, shift x/y in [-1, 1]
+    on = torch.rand(4, n, generator=g, device=dev) < cfg.probability
+    angle = torch.where(on[0], u[0] * math.radians(cfg.rotation), 0.0)
+    shear = torch.where(on[1], u[1:3] * cfg.shear, 0.0)
+    scale = torch.where(on[2], 1 + u[3:5] * cfg.scale, 1.0)
+    # pixels -> affine_grid's [-1, 1] coordinates
+    shift = torch.where(on[3], u[5:7] * cfg.translate, 0.0) * torch.tensor([2.0 / w, 2.0 / h], device=dev)[:, None]
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    rotate = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)  # [n, 2, 2]
+    one = torch.ones_like(angle)
+    shear_m = torch.stack([torch.stack([one, shear[0]], -1), torch.stack([shear[1], one], -1)], -2)
+    forward = rotate @ shear_m @ torch.diag_embed(scale.T)  # output = forward @ input (about the centre) + shift
+    # affine_grid maps output coordinates to input ones: the inverse map
+    inverse = torch.linalg.inv(forward)
+    theta = torch.cat([inverse, -(inverse @ shift.T[..., None])], dim=2)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
