@@ -197,18 +197,28 @@ def _remove_if_unused(run_dir: Path) -> None:
             pass
 
 
-def evaluate(run_dir: str | Path, checkpoint: str = "best", **options: Any) -> dict:
+def evaluate(run_dir: str | Path | Sequence[str | Path], checkpoint: str = "best", **options: Any) -> dict:
     """Score a run's checkpoint as ``metalearn eval run=<run_dir>`` does: ``options`` are eval's keys (``ways``,
-    ``shots``, ``queries``, ``episodes``, ``seed``, ``split``, ``data`` ...), values as Python values. Returns
-    the results (also written beside the run as ``eval-*.json``)."""
+    ``shots``, ``queries``, ``episodes``, ``seed``, ``split``, ``data`` ...), values as Python values, a dict for a
+    group of keys (``finetune={"steps": 50, "part": "last"}``, ``tta={"views": 4}``). ``run_dir``: a list of runs
+    is an ensemble (``run=[A,B]``). Returns the results (also written beside the (first) run as ``eval-*.json``)."""
     from metalearn.evaluation import evaluate_checkpoint
 
     if checkpoint not in ("best", "last"):
         raise ConfigError(f"checkpoint={checkpoint!r} is not one of: best, last")
-    overrides = [f"run={Path(run_dir).absolute()}", f"checkpoint={checkpoint}"]
+    runs = [run_dir] if isinstance(run_dir, (str, Path)) else list(run_dir)
+    given = Path(runs[0]).absolute() if len(runs) == 1 else _literal([str(Path(r).absolute()) for r in runs])
+    overrides = [f"run={given}", f"checkpoint={checkpoint}"]
     for key, value in options.items():
-        overrides.append(f"{key}={_literal(value)}")
+        overrides += _overrides(key, value)
     return evaluate_checkpoint(_compose("eval", overrides))
+
+
+def _overrides(key: str, value: Any) -> list[str]:
+    """``key=value`` as overrides; a dict as one override per entry (``key.entry=...``)."""
+    if isinstance(value, dict):
+        return [o for k, v in value.items() for o in _overrides(f"{key}.{k}", v)]
+    return [f"{key}={_literal(value)}"]
 
 
 def _literal(value: Any) -> str:
@@ -253,11 +263,11 @@ def episodes(data: str = "glyphs", ways: int = 5, shots: int = 1, queries: int =
     (``support_x [B, N*K, ...]``, ``support_y``, ``query_x [B, N*Q, ...]``, ``query_y``; labels 0..N-1 per episode),
     normalised as a run on that data would be. ``overrides``: the dataset's keys (``data.root=...``)."""
     from metalearn.config import to_run_config
-    from metalearn.data import dataset_module
+    from metalearn.data import load_splits
     from metalearn.engine import set_transforms
 
     cfg = to_run_config(_compose("config", _searchpath([f"data={data}", *overrides], config_dir)))
-    stores = dataset_module(cfg.data).load(cfg.data)
+    stores = load_splits(cfg.data)
     if split not in stores:
         raise ConfigError(f"data={data} has no {split} split (it has: {', '.join(stores)})")
     set_transforms(cfg.data, stores)

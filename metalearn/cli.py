@@ -177,7 +177,7 @@ def data_command(args: list[str]) -> int:
     from hydra import compose
 
     from metalearn.config import to_run_config
-    from metalearn.data import dataset_module
+    from metalearn.data import dataset_module, load_splits
     from metalearn.errors import MetalearnError
 
     config_dir, args = _config_dir(args)
@@ -204,7 +204,7 @@ def data_command(args: list[str]) -> int:
     if action == "info" and hasattr(cfg, "download"):
         cfg = dataclasses.replace(cfg, download=False)  # info only looks
     try:
-        stores = module.load(cfg)
+        stores = load_splits(cfg)
     except MetalearnError as e:
         print(f"not ready: {e}")
         if action == "info" and getattr(module.Config, "download", False):
@@ -214,7 +214,8 @@ def data_command(args: list[str]) -> int:
         if store.task == "regression":
             print(f"  {split}: {store.task} tasks drawn on the fly, inputs of shape {tuple(store.input_shape)}")
         else:
-            print(f"  {split}: {store.num_classes} classes, {len(store)} images of {'x'.join(map(str, store.input_shape))}")
+            turned = " (and their turns by 90 degrees, drawn as classes of their own)" if getattr(store, "turns", 1) > 1 else ""
+            print(f"  {split}: {store.num_classes} classes, {len(store)} images of {'x'.join(map(str, store.input_shape))}{turned}")
     cache = module.cache_dir(cfg) if hasattr(module, "cache_dir") else None
     if cache is None and sources and not hasattr(module, "cache_dir"):  # a cache_dir() of None: nothing is cached
         cache = Path(sources[0]).parent / "cache"  # the convention: cache/ beside the files it is built from
@@ -445,6 +446,24 @@ def _check_writable(folder: Path | None) -> None:
                           "or set hydra.run.dir=<writable path> (hydra.sweep.dir for -m)") from None
 
 
+def _ensemble_lists(args: list[str]) -> list[str]:
+    """``metalearn eval run=A,B,C`` (or ``ckpt=``) without -m is one ensemble of the runs, ``run=[A,B,C]``; Hydra
+    would take it for a sweep (and, not sweeping, score A alone). With -m it stays a sweep: each run by itself."""
+    from hydra.core.override_parser.types import ChoiceSweep
+
+    from metalearn.api import _literal
+
+    if _run_mode(args, _parsed(args))[0]:
+        return args
+    out = []
+    for a in args:
+        o = next(iter(_parsed([a])), None)
+        if o is not None and o.get_key_element() in ("run", "ckpt") and isinstance(o.value(), ChoiceSweep):
+            a = f"{o.get_key_element()}={_literal([str(v) for v in o.value().list])}"
+        out.append(a)
+    return out
+
+
 def _complete(args: list[str]) -> int:
     """Hydra tab completion through the dispatcher: route the query to the command being typed."""
     line = os.environ.get("COMP_LINE", "")
@@ -581,6 +600,8 @@ def _overrides_beside_flags(args: list[str]) -> list[str] | None:
 
 def _run_app(command: str, rest: list[str]) -> int:
     config_dir, plain = _config_dir(rest)
+    if command == "eval":
+        plain = _ensemble_lists(plain)
     args = _sweep_dir_names(plain) if command == "train" else plain
     try:
         with sweeps.sweeper_errors_raised(command, rest):

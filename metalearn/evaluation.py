@@ -5,6 +5,8 @@
   cross-domain protocol of Chen et al. (2019), train on miniImageNet, test on CUB.
 * ``metalearn eval run=DIR data=episodes data.path=FOLDER``: fixed episodes from folders
   (``metalearn/data/episode_folders.py``), every one scored once, in order.
+* ``finetune.*``, ``tta.*`` and ``run=[A,B,C]`` (an ensemble): test-time options (``metalearn/adaptation.py``).
+  The episodes, data and test protocol are the first run's; every result says its seconds per episode.
 
 The algorithm is rebuilt from what the checkpoint recorded of its training problem (input
 shape, ways, shots, number of training classes, task: the ``problem`` entry the trainer
@@ -24,16 +26,17 @@ import dataclasses
 import hashlib
 import json
 import re
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from metalearn import checkpoint, engine
+from metalearn import adaptation, checkpoint, engine
 from metalearn.algorithms import ProblemInfo
 from metalearn.config import RunConfig, to_run_config
-from metalearn.data import SPLITS, ClassStore, dataset_module
+from metalearn.data import SPLITS, ClassStore, load_splits
 from metalearn.data.common import episode_transforms
 from metalearn.errors import ConfigError, MetalearnError
 from metalearn.fileio import atomic_write_json
@@ -49,7 +52,9 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     split = cfg.get("split") or "test"
     if split not in EVAL_SPLITS:
         raise ConfigError(f"split={split!r} is not one of: {', '.join(EVAL_SPLITS)}")
-    path = checkpoint.find(cfg.run, cfg.checkpoint) if cfg.run else checkpoint.find(cfg.ckpt)
+    opts = adaptation.options(cfg)
+    paths = _checkpoints(cfg)
+    path = paths[0]
     ckpt = checkpoint.load(path)
     if ckpt.get("migrated"):
         print(checkpoint.migration_note(path, ckpt["migrated"]))
@@ -68,19 +73,26 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     info, transform, trained_on = _trained_problem(ckpt, own, path, loaded)
     if fixed:
         run_cfg.data = _episode_image_options(run_cfg.data, info, path)
-    stores = loaded if loaded and not other else dataset_module(run_cfg.data).load(run_cfg.data)
+    stores = loaded if loaded and not other else load_splits(run_cfg.data)
     store = _one_split(stores, split, run_cfg.data.name)
     del stores, loaded  # only the scored split stays
     _check_fits(store, info, run_cfg, trained_on, path)
     store.train_transform = store.eval_transform = transform
     algo = engine.build_algorithm(run_cfg, info).to(device)
+    members = [adaptation.Member(algo, transform, _described(path, run_cfg.algo.name, trained_on))]
+    members += [_member(cfg, p, info, device, members[0]) for p in paths[1:]]
     e = run_cfg.eval
+    shapes = store.shapes() if fixed else [(e.ways, e.shots, e.queries)]
+    for m in members:
+        adaptation.check_member(m.algo, info, m.record["algo"], opts, len(members) > 1)
+        for ways, shots, queries in shapes:
+            m.algo.check_episode(ways, shots, queries)
     if fixed:
-        for ways, shots, queries in store.shapes():
-            algo.check_episode(ways, shots, queries)
         run_cfg.trainer.test_episodes = store.num_episodes
+        e.within_group = False  # the folders fix every episode's classes
     else:
         store.check_episode(split, e.ways, e.shots, e.queries)
+        engine.check_within_group(run_cfg.data.name, {split: store}, e.ways, e.within_group, [split], "within_group")
     if run_cfg.device.data_on_device:
         try:
             store.to(device)
@@ -88,7 +100,13 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
             raise ConfigError(f"the {run_cfg.data.name} images do not fit in the memory of {device}; "
                               "set device.data_on_device=false to keep them in host memory") from None
     seed = run_cfg.trainer.eval_seed + 1 if cfg.seed is None else cfg.seed
-    results = engine.score_checkpoint(algo, path, run_cfg, store, seed, device)
+    scored = algo
+    if opts.active or len(members) > 1:  # the members transform the stored episodes themselves
+        store.train_transform = store.eval_transform = adaptation.as_stored
+        scored = adaptation.Scorer(members, opts, seed, tuple(info.input_shape))
+    start = time.perf_counter()
+    results = engine.score_checkpoint(scored, path, run_cfg, store, seed, device)  # loads the (first) run's weights
+    seconds = time.perf_counter() - start
     if fixed:
         results["episode"] = store.summary()
         print(f"{store.num_episodes} fixed episodes from {store.folder}, each scored once")
@@ -97,21 +115,72 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
         results["data"] = dataclasses.asdict(run_cfg.data)
     results["inputs"] = {"normalised_as": trained_on, "mean": getattr(transform, "mean", None),
                          "std": getattr(transform, "std", None)}
+    if opts.active:
+        results["adaptation"] = opts.record()
+    if len(members) > 1:
+        results["members"] = [m.record for m in members]
+    episodes = run_cfg.trainer.test_episodes
+    results["seconds"] = seconds
+    results["seconds_per_episode"] = seconds / episodes
     engine.print_results(results)
+    what = opts.describe() + (f", an ensemble of {len(members)} runs" if len(members) > 1 else "")
+    print(f"  time: {seconds / episodes:.4f} s per episode ({what}; {episodes} episodes in {seconds:.2f} s)")
     run_dir = path.parent.parent
     if (run_dir / "checkpoints").is_dir():
         precision = run_cfg.device.precision if run_cfg.device.precision != ckpt["config"]["device"]["precision"] else None
-        out = run_dir / _file_name(path, run_cfg, split, other, fixed, seed, precision)
+        extra = (*opts.tag(), *([_ensemble_tag(paths)] if len(paths) > 1 else []))
+        out = run_dir / _file_name(path, run_cfg, split, other, fixed, seed, precision, extra)
         atomic_write_json(out, results)
         print(f"results: {out}")
     return results
+
+
+def _checkpoints(cfg: DictConfig) -> list[Path]:
+    """The checkpoint of ``run=`` (or ``ckpt=``), or of each of its runs (an ensemble: a list), all found."""
+    given = cfg.run if cfg.run is not None else cfg.ckpt
+    values = list(given) if isinstance(given, (ListConfig, list, tuple)) else [given]
+    key = "run" if cfg.run is not None else "ckpt"
+    if not values:
+        raise ConfigError(f"{key}=[] names nothing; give {key}=<one> or {key}=[A,B,...] (an ensemble)")
+    if any(isinstance(v, (ListConfig, DictConfig)) or v is None for v in values):
+        raise ConfigError(f"{key}= takes a path or a list of paths (an ensemble), got {OmegaConf.to_yaml(given).strip()}")
+    return [checkpoint.find(str(v), cfg.checkpoint) if key == "run" else checkpoint.find(str(v)) for v in values]
+
+
+def _described(path: Path, algo: str, trained_on: str) -> dict:
+    return {"checkpoint": str(path), "algo": algo, "data": trained_on}
+
+
+def _member(cfg: DictConfig, path: Path, info: ProblemInfo, device: torch.device,
+            first: adaptation.Member) -> adaptation.Member:
+    """Another run of an ensemble: its algorithm with its weights, on ``device``, checked to take the first run's inputs."""
+    ckpt = checkpoint.load(path)
+    if ckpt.get("migrated"):
+        print(checkpoint.migration_note(path, ckpt["migrated"]))
+    own, _ = _configs(cfg, ckpt, other=False)
+    theirs, transform, trained_on = _trained_problem(ckpt, own, path, {})
+    if tuple(theirs.input_shape) != tuple(info.input_shape) or theirs.task != info.task:
+        raise ConfigError(f"an ensemble's runs must take the same inputs: {path} learned {theirs.task} tasks on "
+                          f"{_shape(tuple(theirs.input_shape))} inputs (data={trained_on}), {first.record['checkpoint']} "
+                          f"{info.task} tasks on {_shape(tuple(info.input_shape))} (data={first.record['data']}); "
+                          "ensemble runs trained on the same data")
+    algo = engine.build_algorithm(own, theirs).to(device)
+    checkpoint.load_model_state(algo, ckpt["model"], path)
+    return adaptation.Member(algo, transform, _described(path, own.algo.name, trained_on))
+
+
+def _ensemble_tag(paths: list[Path]) -> str:
+    """``ensemble<N>-<8 hex of the members' checkpoints>``."""
+    key = hashlib.sha1("\n".join(str(p.resolve()) for p in paths).encode()).hexdigest()[:8]
+    return f"ensemble{len(paths)}-{key}"
 
 
 def _configs(cfg: DictConfig, ckpt: dict, other: bool) -> tuple[RunConfig, RunConfig]:
     """(the run's own config with the eval options applied, the config of the data being scored)."""
     saved = OmegaConf.create(ckpt["config"])
     for key, value in {"eval.ways": cfg.ways, "eval.shots": cfg.shots, "eval.queries": cfg.queries,
-                       "eval.batch_size": cfg.batch_size, "trainer.test_episodes": cfg.episodes}.items():
+                       "eval.batch_size": cfg.batch_size, "eval.within_group": cfg.get("within_group"),
+                       "trainer.test_episodes": cfg.episodes}.items():
         if value is not None:
             OmegaConf.update(saved, key, value)
     device = cfg.device  # the eval config's device group: where to run now; the precision stays the run's
@@ -143,7 +212,7 @@ def _trained_problem(ckpt: dict, own: RunConfig, path: Path, loaded: dict) -> tu
         return info, transform, record.get("data", own.data.name)
     # Written before checkpoints recorded it: rebuilt from the training split of the run's own data.
     try:
-        loaded.update(dataset_module(own.data).load(own.data))
+        loaded.update(load_splits(own.data))
     except MetalearnError as e:
         raise type(e)(f"{path} predates checkpoints that record their training problem, so the run's own data "
                       f"(data={own.data.name}) is needed to rebuild the model: {e}") from None
@@ -173,10 +242,12 @@ def _one_split(stores: dict, split: str, name: str) -> Any:
     if not all(isinstance(p, ClassStore) for p in parts):
         raise ConfigError(f"split=all joins the classes of every split, and data={name} has no classes to join; "
                           "use split=test")
-    labels = [torch.arange(p.num_classes).repeat_interleave(p.counts.cpu()) for p in parts]
+    images, labels = zip(*(p.every_image() for p in parts))  # rotated classes turned: every split's classes as drawn
     offsets = torch.cumsum(torch.tensor([0] + [p.num_classes for p in parts[:-1]]), 0)
-    return ClassStore(torch.cat([p.images for p in parts]), torch.cat([y + o for y, o in zip(labels, offsets)]),
-                      [n for p in parts for n in p.class_names], mean=parts[0].mean, std=parts[0].std)
+    joined = ClassStore(torch.cat(images), torch.cat([y + o for y, o in zip(labels, offsets)]),
+                        [n for p in parts for n in p.class_names], mean=parts[0].mean, std=parts[0].std)
+    joined.class_groups = [g for p in parts for g in p.groups_of_classes()]
+    return joined
 
 
 def _check_fits(store: Any, info: ProblemInfo, cfg: RunConfig, trained_on: str, path: Path) -> None:
@@ -213,9 +284,10 @@ def _shape(shape: tuple[int, ...]) -> str:
 
 
 def _file_name(path: Path, cfg: RunConfig, split: str, other: bool, fixed: bool, seed: int,
-               precision: str | None) -> str:
-    """``eval-<checkpoint>[-<split>][-<data>-<folder>-<hash>]-<W>w<S>s<Q>q-<N>ep-seed<seed>[-<precision>].json``:
-    other data, other splits, fixed episodes and another precision never overwrite the file of the run's own test."""
+               precision: str | None, extra: tuple[str, ...] = ()) -> str:
+    """``eval-<checkpoint>[-<split>][-<data>-<folder>-<hash>]-<W>w<S>s<Q>q-<N>ep-seed<seed>[-<precision>][-<extra>].json``:
+    other data, other splits, fixed episodes, another precision and test-time options (``extra``: fine-tuning,
+    views, ensemble) never overwrite the file of the run's own test."""
     e, parts = cfg.eval, ["eval", path.stem]
     if split != "test":
         parts.append(split)
@@ -223,7 +295,7 @@ def _file_name(path: Path, cfg: RunConfig, split: str, other: bool, fixed: bool,
         parts.append(_data_tag(cfg.data))
     if not fixed:
         parts.append(f"{e.ways}w{e.shots}s{e.queries}q")
-    parts += [f"{cfg.trainer.test_episodes}ep", f"seed{seed}", *([precision] if precision else [])]
+    parts += [f"{cfg.trainer.test_episodes}ep", f"seed{seed}", *([precision] if precision else []), *extra]
     return "-".join(parts) + ".json"
 
 

@@ -218,3 +218,25 @@ def test_rotations_of_few_training_classes_help_protonet_generalise(learning):
 
     plain, rotated = accuracy(False), accuracy(["train"])
     assert rotated > plain + 0.03, (plain, rotated)
+
+
+def test_eval_scores_within_group_episodes_and_joins_rotated_splits(cli, tmp_path, alphabet_tree):
+    """metalearn eval within_group=true scores a run on within-group episodes; split=all joins a lazily rotated
+    training split (turned) with the others."""
+    run = tmp_path / "run"
+    args = [a for a in cli.TINY if not a.startswith(("data=", "data.split_sizes"))] + [
+        "data=imagefolder", f"data.path={alphabet_tree}", "data.image_size=28", "data.channels=1",
+        "data.train=[Alpha,Delta]", "data.val=[Beta]", "data.test=[Gamma]", "data.rotations=true",
+        "ways=5", "eval.ways=5", "queries=2", "eval.queries=2", "algo=protonet", f"hydra.run.dir={run}",
+    ]
+    proc = cli.run(["train", *args], tmp_path)
+    assert proc.returncode == 0, cli.describe(proc)
+    proc = cli.run(["eval", f"run={run}", "within_group=true", "episodes=8"], tmp_path)
+    assert proc.returncode == 0, cli.describe(proc)
+    written = [json.loads(p.read_text()) for p in run.glob("eval-*.json")]
+    assert any(r["episode"].get("within_group") for r in written)
+    proc = cli.run(["eval", f"run={run}", "split=all", "episodes=4", "ways=20"], tmp_path)
+    assert proc.returncode == 0, cli.describe(proc)
+    proc = cli.run(["eval", f"run={run}", "split=all", "within_group=true", "ways=30"], tmp_path)
+    assert proc.returncode != 0 and "no group of the all split has that many (4 groups; the largest, Alpha, has 24)" in proc.stderr, \
+        cli.describe(proc)

@@ -25,7 +25,9 @@ in the engine.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +88,14 @@ class Algorithm(nn.Module):
     higher_is_better: bool = True
     #: the task kinds (``ProblemInfo.task``) this algorithm can learn; the engine refuses others
     tasks: tuple[str, ...] = ("classification",)
+    #: what the query scores that ``evaluate`` hands to ``accuracy`` are: "logits" (a softmax gives the class
+    #: probabilities) or "scores" (non-negative, normalised to sum to 1: probabilities, relation scores); read by
+    #: ``metalearn eval``'s test-time augmentation and ensembles (metalearn/adaptation.py), which average them
+    query_scores: str = "logits"
+    #: whether a query's prediction is made from the backbone's embedding of it (metric learners, fitted heads,
+    #: the MAML family): ``metalearn eval finetune.*`` fits a new head on those features. False for sequence
+    #: learners (SNAIL, MANN), whose backbone feeds a reader of the whole episode
+    per_example_features: bool = True
 
     def begin_step(self, step: int, total_steps: int) -> None:
         """Called before each ``meta_step`` with the number of meta-steps done so far (0-based).
@@ -139,6 +149,23 @@ def task_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels).mean(1)
 
 
+_RECORDERS: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+
+
+@contextlib.contextmanager
+def recorded_scores() -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """While open, every ``accuracy(scores, labels)`` call is recorded as (scores detached, labels): the scores an
+    algorithm's ``evaluate`` decides its queries by, for test-time augmentation and ensembles (adaptation.py)."""
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+    _RECORDERS.append(calls)
+    try:
+        yield calls
+    finally:
+        _RECORDERS.pop()
+
+
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean accuracy over the last-but-one dimension: [..., n, C], [..., n] -> [...]."""
+    if _RECORDERS:
+        _RECORDERS[-1].append((logits.detach(), labels))
     return (logits.argmax(dim=-1) == labels).float().mean(dim=-1)

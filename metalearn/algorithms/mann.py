@@ -146,6 +146,8 @@ class MemoryState(NamedTuple):
 
 
 class MANN(QueryLossAlgorithm):
+    per_example_features = False  # a sequence learner: metalearn eval refuses finetune.* for it
+
     def __init__(self, cfg: Config, backbone: nn.Module, info: ProblemInfo):
         super().__init__()
         if min(cfg.controller_size, cfg.memory_slots, cfg.memory_size, cfg.read_heads) < 1:

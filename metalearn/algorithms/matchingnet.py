@@ -106,6 +106,8 @@ class FullContextEmbedding(nn.Module):
 
 
 class MatchingNet(QueryLossAlgorithm):
+    query_scores = "scores"  # its queries are scored by probabilities (metalearn eval tta / ensembles)
+
     def __init__(self, cfg: Config, backbone: nn.Module, info: ProblemInfo):
         super().__init__()
         if cfg.cosine not in ("support", "both"):

@@ -100,6 +100,8 @@ def pair_up(classes: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
 
 
 class RelationNet(QueryLossAlgorithm):
+    query_scores = "scores"  # relation scores in [0, 1] (metalearn eval tta / ensembles)
+
     def __init__(self, cfg: Config, backbone: nn.Module, info: ProblemInfo):
         super().__init__()
         if cfg.channels < 1 or cfg.hidden < 1:

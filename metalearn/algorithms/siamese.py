@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metalearn.algorithms.base import Algorithm, ProblemInfo
+from metalearn.algorithms.base import Algorithm, ProblemInfo, accuracy
 from metalearn.data.episodes import TaskBatch
 from metalearn.errors import ConfigError
 
@@ -132,7 +132,7 @@ class Siamese(Algorithm):
     def _predict_accuracy(self, s, sy, q, qy, ways: int) -> torch.Tensor:
         """Nearest-support prediction: a class scores the best of its support examples."""
         scores = self.pair_scores(q.unsqueeze(2), s.unsqueeze(1))  # [B, n_q, n_s]
-        return (class_scores(scores, sy, ways).argmax(-1) == qy).float().mean(-1)
+        return accuracy(class_scores(scores, sy, ways), qy)
 
 
 def class_scores(scores: torch.Tensor, support_y: torch.Tensor, ways: int) -> torch.Tensor:

@@ -169,6 +169,8 @@ class SnailNet(nn.Module):
 
 
 class SNAIL(QueryLossAlgorithm):
+    per_example_features = False  # a sequence learner: metalearn eval refuses finetune.* for it
+
     def __init__(self, cfg: Config, backbone: nn.Module, info: ProblemInfo):
         super().__init__()
         keys, values = list(cfg.attention_keys), list(cfg.attention_values)

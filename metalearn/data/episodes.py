@@ -153,6 +153,15 @@ class ClassStore:
                 images[chosen] = torch.rot90(images[chosen], k, dims=(-2, -1))
         return images
 
+    def every_image(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(every image of every class, turned as its class says, [n, C, H, W]; its class [n]), in class order:
+        the store as episodes see it (rotated classes materialised)."""
+        labels = torch.arange(self.num_classes).repeat_interleave(self.counts.cpu())
+        if self.turns == 1:
+            return self.images, labels
+        rows = torch.cat([torch.arange(o, o + n) for o, n in zip(self.offsets.tolist(), self.counts.tolist())])
+        return self.read(rows.to(self.device), labels.to(self.device)), labels
+
     def groups_of_classes(self) -> list[str]:
         """Each class's group: ``class_groups`` if the dataset set them, else the first "/"-level of its name."""
         if self.class_groups is not None:
