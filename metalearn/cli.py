@@ -211,7 +211,7 @@ def data_command(args: list[str]) -> int:
             print("('metalearn data prepare' with the same arguments downloads what can be downloaded)")
         return 1
     for split, store in stores.items():
-        if store.task == "regression":
+        if store.task != "classification":
             print(f"  {split}: {store.task} tasks drawn on the fly, inputs of shape {tuple(store.input_shape)}")
         else:
             turned = " (and their turns by 90 degrees, drawn as classes of their own)" if getattr(store, "turns", 1) > 1 else ""

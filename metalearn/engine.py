@@ -173,6 +173,9 @@ def from_problem_record(record: dict) -> tuple[ProblemInfo, EpisodeTransform | N
 def build_algorithm(cfg: RunConfig, train: ClassStore | ProblemInfo) -> Algorithm:
     """The algorithm of ``cfg`` for the training split ``train`` (or what a checkpoint recorded of it)."""
     info = train if isinstance(train, ProblemInfo) else problem_info(cfg, train)
+    declared = _declared_tasks(cfg.algo)
+    if declared:  # checked before building too: a constructor may fail on a task kind it does not know
+        _check_task(cfg, info, declared)
     backbone = backbone_module(cfg.backbone).build(cfg.backbone, info.input_shape)
     ops.use_cpu_kernels(backbone, cfg.device.cpu_kernels)  # exact | fast (models/ops.py)
     algo = check_algorithm(cfg, info, algorithm_module(cfg.algo).build(cfg.algo, backbone, info))
@@ -251,10 +254,7 @@ def check_algorithm(cfg: RunConfig, info: ProblemInfo, algo: Algorithm) -> Algor
     if not isinstance(algo, Algorithm):
         raise ConfigError(f"the algorithm is a {type(algo).__name__}, not a metalearn Algorithm; subclass "
                           "metalearn.algorithms.Algorithm (meta_step and evaluate)")
-    if info.task not in algo.tasks:
-        able = [name for name in ALGORITHMS if info.task in _algorithm_tasks(name)]
-        raise ConfigError(f"algo={cfg.algo.name} learns {' and '.join(algo.tasks)} tasks only, and data={cfg.data.name} "
-                          f"is {info.task}; use one of: {', '.join(able)}")
+    _check_task(cfg, info, algo.tasks)
     algo.check_episode(cfg.ways, cfg.shots, cfg.queries)
     algo.check_episode(cfg.eval.ways, cfg.eval.shots, cfg.eval.queries)
     if not any(p.requires_grad for p in algo.parameters()):  # e.g. protonet with backbone=identity
@@ -263,12 +263,25 @@ def check_algorithm(cfg: RunConfig, info: ProblemInfo, algo: Algorithm) -> Algor
     return algo
 
 
+def _check_task(cfg: RunConfig, info: ProblemInfo, tasks: tuple[str, ...]) -> None:
+    """One line if the algorithm, which learns ``tasks``, cannot learn the data's task kind."""
+    if info.task not in tasks:
+        able = [name for name in ALGORITHMS if info.task in _algorithm_tasks(name)]
+        raise ConfigError(f"algo={cfg.algo.name} learns {' and '.join(tasks)} tasks only, and data={cfg.data.name} "
+                          f"is {info.task}; use one of: {', '.join(able)}")
+
+
+def _declared_tasks(option) -> tuple[str, ...]:
+    """Every task kind the Algorithm subclasses defined in an algorithm's module learn (none if it defines none)."""
+    module = algorithm_module(option)
+    return tuple(dict.fromkeys(task for v in vars(module).values() if isinstance(v, type) and issubclass(v, Algorithm)
+                               and v.__module__ == module.__name__ for task in v.tasks))
+
+
 def _algorithm_tasks(name: str) -> tuple[str, ...]:
-    """The task kinds of a registered algorithm (its Algorithm subclass's ``tasks``)."""
-    module = algorithm_module(name)
-    classes = [v for v in vars(module).values()
-               if isinstance(v, type) and issubclass(v, Algorithm) and v.__module__ == module.__name__]
-    return classes[0].tasks if classes else ("classification",)
+    """The task kinds of a registered algorithm (its Algorithm subclasses' ``tasks``; a module that subclasses
+    another's algorithm without defining one of its own: classification)."""
+    return _declared_tasks(name) or ("classification",)
 
 
 def build_optimizer(cfg: RunConfig, params) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
@@ -587,8 +600,8 @@ class Trainer:
             tb.hparams({k: v for k, v in flat(to_dict(cfg)).items()
                         if not k.startswith(("trainer.", "device.", "data.root", "data.cache_dir", "resume"))},
                        hparam_metrics(algo.primary_metric))
-        episodes = (f"{cfg.ways}-way {cfg.shots}-shot" if self.stores["train"].task == "classification"
-                    else f"regression, {cfg.shots}-shot")
+        task = self.stores["train"].task
+        episodes = (f"{cfg.ways}-way {cfg.shots}-shot" if task == "classification" else f"{task}, {cfg.shots}-shot")
         where = f"{self.device} x {self.group.world_size} processes" if self.group.world_size > 1 else self.device
         log.info("%s on %s (%s, %s, %d parameters) on %s -> %s", cfg.algo.name, cfg.data.name,
                  cfg.backbone.name, episodes, sum(p.numel() for p in params), where, self.run_dir)
@@ -693,6 +706,8 @@ def format_result(name: str, m: dict[str, float], percent: bool) -> str:
 def print_results(results: dict) -> None:
     ep = results["episode"]
     shape = (f"regression {ep['shots']}-shot ({ep['queries']} query points)" if ep.get("task") == "regression"
+             else f"reinforcement, {ep['shots']} episodes per adaptation step ({ep['queries']} after)"
+             if ep.get("task") == "reinforcement"
              else f"{ep['ways']}-way {ep['shots']}-shot ({ep['queries']} queries per class)")
     print(f"test {shape}, checkpoint step {results['checkpoint_step']}:")
     for k, m in results["test"].items():

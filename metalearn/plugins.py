@@ -59,6 +59,7 @@ BUILTINS: dict[str, dict[str, str]] = {
         "metanet": "metalearn.algorithms.metanet",
         "snail": "metalearn.algorithms.snail",
         "mann": "metalearn.algorithms.mann",
+        "maml_rl": "metalearn.algorithms.maml_rl",
     },
     "backbone": {
         "conv4": "metalearn.models.conv4",
@@ -70,6 +71,7 @@ BUILTINS: dict[str, dict[str, str]] = {
         "glyphs": "metalearn.data.glyphs",
         "omniglot": "metalearn.data.omniglot",
         "sinusoid": "metalearn.data.sinusoid",
+        "navigation2d": "metalearn.data.navigation2d",
         "miniimagenet": "metalearn.data.miniimagenet",
         "tieredimagenet": "metalearn.data.tieredimagenet",
         "cifarfs": "metalearn.data.cifarfs",

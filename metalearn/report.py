@@ -503,13 +503,14 @@ def _common_episode(runs: list[Run]) -> str | None:
         values = {(r.results.get("episode") or {}).get(key) for r in done}
         if len(values) == 1 and None not in values:
             shape[key] = values.pop()
-    regression = shape.get("task") == "regression"
-    way_shot = " ".join(x for x in (f"{shape['ways']}-way" if "ways" in shape and not regression else "",
+    regression, rl = shape.get("task") == "regression", shape.get("task") == "reinforcement"
+    way_shot = " ".join(x for x in (f"{shape['ways']}-way" if "ways" in shape and not (regression or rl) else "",
                                      f"{shape['shots']}-shot" if "shots" in shape else "") if x)
-    queries = f"{shape['queries']} {'query points' if regression else 'queries per class'}" if "queries" in shape else ""
+    queries_are = "query points" if regression else "episodes after adaptation" if rl else "queries per class"
+    queries = f"{shape['queries']} {queries_are}" if "queries" in shape else ""
     parts = [way_shot, queries]
     described = ", ".join(p for p in parts if p)
-    what = "tasks" if regression else "episodes"
+    what = "tasks" if regression or rl else "episodes"
     return f"{counts.pop()} fixed test {what}" + (f" ({described})" if described else "")
 
 

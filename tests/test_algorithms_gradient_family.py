@@ -491,8 +491,11 @@ def test_sweep_over_every_algorithm(cli, tmp_path):
     sweep = tmp_path / "sweep"
     # metanet needs backbone.norm=none (each example has its own fast weights, so per-set BatchNorm does not
     # apply), mamlpp's default BNWB needs the norms, and a sweep cannot set a key for one of its options:
-    # metanet runs through the CLI in its own test (test_algo_metanet.py).
-    names = [name for name in ALGORITHMS if name != "metanet"]
+    # metanet runs through the CLI in its own test (test_algo_metanet.py); maml_rl learns reinforcement tasks only
+    # (test_rl_navigation.py).
+    from metalearn.engine import _algorithm_tasks
+
+    names = [name for name in ALGORITHMS if name != "metanet" and "classification" in _algorithm_tasks(name)]
     proc = cli.run(["train", "-m", f"algo={','.join(names)}", *cli.TINY, f"hydra.sweep.dir={sweep}"], tmp_path,
                    timeout=900)
     assert proc.returncode == 0, cli.describe(proc)

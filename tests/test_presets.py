@@ -44,8 +44,9 @@ def test_preset_carries_its_paper_figure_as_data(name):
         cfg = compose("config", overrides=[f"experiment={name}"])
     paper = paper_config(cfg)
     assert paper is not None, f"{name} has no paper: section"
-    regression = cfg.data.name == "sinusoid"
-    assert (re.fullmatch(r"mse(_step\d+)?", paper.metric) if regression else paper.metric == "accuracy"), paper.metric
+    regression, reinforcement = cfg.data.name == "sinusoid", cfg.data.name == "navigation2d"
+    assert (re.fullmatch(r"mse(_step\d+)?", paper.metric) if regression else
+            re.fullmatch(r"return(_step\d+)?", paper.metric) if reinforcement else paper.metric == "accuracy"), paper.metric
     assert re.search(r"\b(19|20)\d\d\b", paper.source) and paper.protocol, paper  # authors year ...; the protocol
     if paper.value is None:
         assert paper.note, f"{name}: no figure, and no note saying why"

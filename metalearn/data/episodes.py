@@ -48,16 +48,21 @@ class TaskBatch:
         return self.classes.shape[1]
 
     def to(self, device: torch.device | str) -> "TaskBatch":
-        return TaskBatch(*(getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)))
+        return self._with(*(getattr(self, f.name).to(device, non_blocking=True) for f in fields(TaskBatch)))
 
     @staticmethod
     def cat(batches: list["TaskBatch"]) -> "TaskBatch":
         """Concatenate batches of tasks along the task dimension."""
-        return TaskBatch(*(torch.cat([getattr(b, f.name) for b in batches]) for f in fields(TaskBatch)))
+        return batches[0]._with(*(torch.cat([getattr(b, f.name) for b in batches]) for f in fields(TaskBatch)))
 
     def __getitem__(self, index) -> "TaskBatch":
         """Select tasks along the batch dimension (keeps the dimension for slices)."""
-        return TaskBatch(*(getattr(self, f.name)[index] for f in fields(self)))
+        return self._with(*(getattr(self, f.name)[index] for f in fields(TaskBatch)))
+
+    def _with(self, *tensors: torch.Tensor) -> "TaskBatch":
+        """A batch of this kind holding ``tensors`` (a subclass keeps what it carries besides them:
+        data/environments.py's ``EnvTasks`` its environment)."""
+        return TaskBatch(*tensors)
 
 
 class ClassStore:
