@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -115,6 +116,9 @@ def options(cfg: Any) -> Options:
     """The ``finetune`` and ``tta`` keys of the eval config, checked: a mistake is one line."""
     f = cfg.get("finetune") or {}
     t = cfg.get("tta") or {}
+    for key, value, example in (("finetune", f, "finetune.steps=50"), ("tta", t, "tta.views=4")):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}={value} sets no option; {key} is a group of keys: {example}")
     unknown = [f"finetune.{k}" for k in f if k not in Finetune.__dataclass_fields__] + \
               [f"tta.{k}" for k in t if k not in TTA.__dataclass_fields__]
     if unknown:

@@ -62,7 +62,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     own, run_cfg = _configs(cfg, ckpt, other)
     fixed = isinstance(run_cfg.data, EpisodesConfig)
     if fixed:
-        given = [f"{k}={cfg[k]}" for k in _EPISODE_KEYS if cfg[k] is not None]
+        given = [f"{k}={cfg[k]}" for k in (*_EPISODE_KEYS, "within_group") if cfg.get(k) is not None]
         if given:
             raise ConfigError(f"data=episodes scores every episode under data.path once, with the shapes of its folders; "
                               f"drop {' '.join(given)}")
@@ -143,7 +143,8 @@ def _checkpoints(cfg: DictConfig) -> list[Path]:
     if not values:
         raise ConfigError(f"{key}=[] names nothing; give {key}=<one> or {key}=[A,B,...] (an ensemble)")
     if any(isinstance(v, (ListConfig, DictConfig)) or v is None for v in values):
-        raise ConfigError(f"{key}= takes a path or a list of paths (an ensemble), got {OmegaConf.to_yaml(given).strip()}")
+        shown = OmegaConf.to_container(given) if isinstance(given, (ListConfig, DictConfig)) else given
+        raise ConfigError(f"{key}= takes a path or a list of paths (an ensemble), got {shown}")
     return [checkpoint.find(str(v), cfg.checkpoint) if key == "run" else checkpoint.find(str(v)) for v in values]
 
 
@@ -286,15 +287,15 @@ def _shape(shape: tuple[int, ...]) -> str:
 def _file_name(path: Path, cfg: RunConfig, split: str, other: bool, fixed: bool, seed: int,
                precision: str | None, extra: tuple[str, ...] = ()) -> str:
     """``eval-<checkpoint>[-<split>][-<data>-<folder>-<hash>]-<W>w<S>s<Q>q-<N>ep-seed<seed>[-<precision>][-<extra>].json``:
-    other data, other splits, fixed episodes, another precision and test-time options (``extra``: fine-tuning,
-    views, ensemble) never overwrite the file of the run's own test."""
+    other data, other splits, within-group episodes, fixed episodes, another precision and test-time options
+    (``extra``: fine-tuning, views, ensemble) never overwrite the file of the run's own test."""
     e, parts = cfg.eval, ["eval", path.stem]
     if split != "test":
         parts.append(split)
     if other:
         parts.append(_data_tag(cfg.data))
     if not fixed:
-        parts.append(f"{e.ways}w{e.shots}s{e.queries}q")
+        parts.append(f"{e.ways}w{e.shots}s{e.queries}q" + ("-withingroup" if e.within_group else ""))
     parts += [f"{cfg.trainer.test_episodes}ep", f"seed{seed}", *([precision] if precision else []), *extra]
     return "-".join(parts) + ".json"
 

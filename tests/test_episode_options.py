@@ -44,6 +44,13 @@ def test_lazy_rotations_draw_the_episodes_of_stored_turned_copies():
         for name in ("support_x", "support_y", "query_x", "query_y", "classes"):
             assert torch.equal(getattr(a, name), getattr(b, name)), name
     assert lazy.rotate_classes() is lazy and lazy.num_classes == 24  # once only
+    # Readers of images by index (torchmeta's and learn2learn's datasets, embeddings) get the turned images stored.
+    stored = lazy.materialized()
+    assert stored.turns == 1 and len(stored) == 120 and stored.class_names == eager.class_names
+    assert torch.equal(stored.images, eager.images) and torch.equal(stored.counts, eager.counts)
+    from metalearn.learn2learn.data.stores import StoreDataset
+    dataset = StoreDataset(lazy)
+    assert len(dataset) == 120 and torch.equal(dataset[7][0], eager.images[7].float() / 255) and dataset[7][1] == 1
     with pytest.raises(DataError, match="square images"):
         ClassStore(torch.zeros(4, 1, 3, 5, dtype=torch.uint8), torch.tensor([0, 0, 1, 1]), ["a", "b"]).rotate_classes()
 
@@ -130,6 +137,9 @@ def test_within_group_episodes_draw_every_class_of_a_task_from_one_eligible_grou
     # Rotated classes stay in their class's group.
     rotated = square_store(classes=len(GROUPED), names=GROUPED).rotate_classes()
     assert rotated.groups_of_classes()[:4] == ["A"] * 4
+    # Classes without groups (flat names) stay alone when turned: their turns are no group.
+    with pytest.raises(DataError, match="no group of the train split"):
+        square_store().rotate_classes().check_groups("train", 2)
     store.check_groups("train", 6)
     with pytest.raises(DataError, match=r"no group of the val split has that many \(3 groups; the largest, A, has 6\)"):
         store.check_groups("val", 7)
@@ -233,8 +243,13 @@ def test_eval_scores_within_group_episodes_and_joins_rotated_splits(cli, tmp_pat
     assert proc.returncode == 0, cli.describe(proc)
     proc = cli.run(["eval", f"run={run}", "within_group=true", "episodes=8"], tmp_path)
     assert proc.returncode == 0, cli.describe(proc)
-    written = [json.loads(p.read_text()) for p in run.glob("eval-*.json")]
-    assert any(r["episode"].get("within_group") for r in written)
+    proc = cli.run(["eval", f"run={run}", "episodes=8"], tmp_path)
+    assert proc.returncode == 0, cli.describe(proc)
+    written = {p.name: json.loads(p.read_text()) for p in run.glob("eval-*.json")}
+    assert len(written) == 2 and sum(bool(r["episode"].get("within_group")) for r in written.values()) == 1
+    proc = cli.run(["eval", f"run={run}", "tta=4"], tmp_path)
+    assert proc.returncode != 0 and proc.stderr.strip() == "metalearn: error: tta=4 sets no option; tta is a group of " \
+        "keys: tta.views=4", cli.describe(proc)
     proc = cli.run(["eval", f"run={run}", "split=all", "episodes=4", "ways=20"], tmp_path)
     assert proc.returncode == 0, cli.describe(proc)
     proc = cli.run(["eval", f"run={run}", "split=all", "within_group=true", "ways=30"], tmp_path)

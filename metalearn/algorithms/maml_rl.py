@@ -56,6 +56,8 @@ optimizer), ProMP, RL^2, MuJoCo tasks and sampling in worker processes.
 
 from __future__ import annotations
 
+import os
+
 import math
 from dataclasses import dataclass
 
@@ -108,6 +110,10 @@ class MAMLRL(Algorithm):
             raise ConfigError("algo.inner_steps and algo.test_inner_steps must be >= 0")
         if cfg.baseline not in BASELINES:
             raise ConfigError(f"algo.baseline={cfg.baseline!r} is not one of: {', '.join(BASELINES)}")
+        if cfg.pre_update_credit and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # its credit term's baseline is the mean over the whole meta-batch, which one process does not see
+            raise ConfigError("algo.pre_update_credit=true needs the whole meta-batch in one process; run it without "
+                              "torchrun, or set algo.pre_update_credit=false")
         if not (0 <= cfg.discount <= 1 and 0 <= cfg.gae_lambda <= 1 and cfg.init_std > 0):
             raise ConfigError("algo.discount and algo.gae_lambda must be in [0, 1], algo.init_std > 0 (got "
                               f"{cfg.discount}, {cfg.gae_lambda}, {cfg.init_std})")

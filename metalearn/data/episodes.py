@@ -137,13 +137,28 @@ class ClassStore:
         if self.images.dim() != 4 or self.images.shape[-1] != self.images.shape[-2]:
             raise DataError(f"data.rotations turns images by 90 degrees and needs square images (got "
                             f"{list(self.images.shape[1:])}); set data.rotations=false")
+        grouped = self.class_groups is not None or any("/" in name for name in self.class_names)
         groups = self.groups_of_classes()
         self.turns, self.rotated = 4, True
         self.counts = self.counts.repeat_interleave(4)
         self.offsets = self.offsets.repeat_interleave(4)
         self.class_names = [f"{name}/rot{90 * k}" for name in self.class_names for k in range(4)]
-        self.class_groups = [group for group in groups for _ in range(4)]
+        # A class's turns stay in its group; classes without one (flat names) stay alone, not grouped by their turns.
+        self.class_groups = [group for group in groups for _ in range(4)] if grouped else list(self.class_names)
         return self
+
+    def materialized(self) -> "ClassStore":
+        """This store with its turned classes stored (``every_image``), for readers of ``images``/``offsets`` (the
+        torchmeta and learn2learn layers, embeddings); the store itself when nothing is turned lazily."""
+        if self.turns == 1:
+            return self
+        images, labels = self.every_image()
+        out = type(self).__new__(type(self))
+        out.__dict__.update(self.__dict__)
+        ClassStore.__init__(out, images, labels.to(images.device), self.class_names, mean=self.mean, std=self.std)
+        out.rotated, out.class_groups = True, list(self.groups_of_classes())
+        out.train_transform, out.eval_transform = self.train_transform, self.eval_transform
+        return out
 
     def read(self, rows: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """The images at ``rows`` (positions in ``images``, any shape [...]) of classes ``classes`` (broadcast

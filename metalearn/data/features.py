@@ -207,12 +207,12 @@ def _source_signature(source: Any) -> list:
 
 def _extract(cfg: Config, ckpt: dict, trained: Any, source: Any) -> dict:
     """Embed every image of every split of ``source`` with the checkpoint's backbone."""
-    from metalearn.data import dataset_module
+    from metalearn.data import load_splits
     from metalearn.data.common import episode_transforms
     from metalearn.engine import resolve_device
     from metalearn.models import backbone_module
 
-    stores = dataset_module(source).load(source)
+    stores = load_splits(source)
     if stores["train"].task != "classification":
         raise ConfigError(f"data.source={source.name} gives {stores['train'].task} tasks, not images to embed")
     _, transform = episode_transforms(source, stores["train"])
@@ -228,6 +228,7 @@ def _extract(cfg: Config, ckpt: dict, trained: Any, source: Any) -> dict:
     backbone.to(device).eval()
     splits = {}
     for split, store in stores.items():
+        store = store.materialized()  # data.source.rotations: the turned classes are embedded too
         log.info("embedding %d %s images of %s with %s", len(store), split, source.name, trained.backbone.name)
         splits[split] = {"features": embed(backbone, store, transform, cfg.batch_size, device),
                          "labels": torch.arange(store.num_classes).repeat_interleave(store.counts.cpu()),

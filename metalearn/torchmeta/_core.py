@@ -220,7 +220,7 @@ class StoreClassDataset(ClassDataset):
         if store.images.dim() != 4:
             raise unsupported("feature-vector stores", "metalearn.torchmeta datasets are image datasets")
         super().__init__(meta_split=meta_split)
-        self.store = store
+        self.store = store.materialized()  # lazily turned classes (data.rotations) stored: rows are read by offset
         self.transform = transform
         self.transform_kind = _transform_kind(transform)
         self.class_augmentations = _flatten_augmentations(class_augmentations, native=True)

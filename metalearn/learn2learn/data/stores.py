@@ -38,7 +38,7 @@ class StoreDataset(Dataset):
                  target_transform: Callable | None = None, decode: Callable | None = None):
         if not isinstance(store, ClassStore):
             raise TypeError(f"StoreDataset wraps a metalearn ClassStore, not {type(store).__name__}")
-        self.store = store
+        self.store = store.materialized()  # lazily turned classes (data.rotations) stored: images are read by index
         self.transform = transform
         self.target_transform = target_transform
         self.decode = decode if decode is not None else to_unit_float
