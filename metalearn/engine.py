@@ -492,6 +492,7 @@ class Trainer:
             init_backbone(self.algo, cfg.init_from)
         self.algo = self.algo.to(self.device)
         self.group.broadcast_module(self.algo)
+        self.algo.before_training()
         self.problem = problem_record(cfg, self.stores["train"])  # in every checkpoint, for metalearn eval
         if self.group.is_main:
             for partial in checkpoint.remove_partial(self.ckpt_dir):  # a write cut short by a kill

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -283,3 +284,5 @@ def test_a_missing_teacher_is_one_line(cli, generations):
     assert proc.returncode == 2, cli.describe(proc)
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("metalearn: error: algo.teacher="), proc.stderr
     assert "does not exist" in proc.stderr and "Traceback" not in proc.stdout + proc.stderr
+    run = Path(next(a for a in proc.args if str(a).startswith("hydra.run.dir=")).split("=", 1)[1])
+    assert not list(run.glob("**/events.*")) and not list(run.glob("**/*.pt"))  # read before training: nothing logged

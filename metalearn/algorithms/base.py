@@ -104,6 +104,11 @@ class Algorithm(nn.Module):
         schedule from here, so it resumes exactly from a checkpoint: the step is the engine's.
         """
 
+    def before_training(self) -> None:
+        """Called once by the trainer (also on a resume) when the algorithm is built, on its device, before the
+        first step and before anything is logged: read what training needs besides the config and weights (RFS's
+        teacher), so that a mistake in it ends the run before it starts."""
+
     def meta_step(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
         """One meta-training step on a batch of tasks: fill ``.grad`` of the meta-parameters."""
         raise NotImplementedError

@@ -18,8 +18,8 @@ and the loss is::
     ce_weight * CE(student, labels) + distill_weight * T^2 * KL(softmax(teacher / T) || softmax(student / T))
 
 (the authors' ``DistillKL``: the KL summed over classes, averaged over images). The student starts
-fresh (not from the teacher's weights), as in the paper. The teacher is read at the first training
-step, not when the algorithm is built, so a run's checkpoints (which record ``algo.teacher`` in their
+fresh (not from the teacher's weights), as in the paper. The teacher is read when training starts
+(``before_training``), not when the algorithm is built, so a run's checkpoints (which record ``algo.teacher`` in their
 config and hold no teacher weights) are evaluated with ``metalearn eval`` without it; a resumed run
 reads it again. A missing teacher, or one of another network, is one CheckpointError line.
 
@@ -180,7 +180,7 @@ class RFS(Algorithm):
         self.cfg, self.backbone = cfg, backbone
         self.head = nn.ParameterDict({k: nn.Parameter(v) for k, v in init_head(
             "linear", info.num_train_classes, backbone.out_features, learn_norms=False).items()})
-        # The previous generation, read at the first training step (``teacher_model``). A plain attribute, not a
+        # The previous generation, read when training starts (``before_training``, ``teacher_model``). A plain attribute, not a
         # submodule: its weights are no meta-parameters, not in this run's checkpoints, and no .train() of the
         # student's reaches them. A copy of the network made now, before any torch.compile of the backbone.
         self.__dict__["_teacher"] = None
@@ -196,6 +196,9 @@ class RFS(Algorithm):
     def class_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Images [B, n, C, H, W] -> logits [B, n, num_train_classes] over the training classes."""
         return head_logits("linear", dict(self.head), self.backbone(x), 1.0)
+
+    def before_training(self) -> None:
+        self.teacher_model()  # a missing or different teacher ends the run before its first step
 
     def teacher_model(self) -> "RFS | None":
         """The frozen teacher (None without one), read from ``cfg.teacher`` on the first call, on the device and in
