@@ -72,6 +72,9 @@ class OptimConfig:
     decay_every: int = 10000  # step scheduler
     decay_gamma: float = 0.5  # step scheduler
     grad_clip: Optional[float] = None  # max global norm of the meta-gradient
+    # learning-rate factors of parts of the algorithm, by parameter-name prefix (module path): {set_function: 10}
+    # trains FEAT's set function at 10x optim.lr (its official lr_mul); the rest at optim.lr. Schedules scale all.
+    lr_multipliers: Optional[dict[str, float]] = None  # null: every parameter at optim.lr
     # Any optimizer / scheduler class (torch's or your own) by Hydra's _target_ convention, instantiated with
     # the meta-parameters (lr: optim.lr unless given) / the optimizer; they replace name / scheduler.
     optimizer: Optional[dict[str, Any]] = None  # {_target_: torch.optim.AdamW, betas: [0.9, 0.99]}
@@ -202,6 +205,9 @@ def check(run: RunConfig) -> None:
                           "(or give any class as optim.lr_scheduler={_target_:<module.Class>})")
     for key in ("optimizer", "lr_scheduler"):
         target_class(getattr(run.optim, key), f"optim.{key}")
+    for prefix, factor in (run.optim.lr_multipliers or {}).items():
+        if not 0 < factor < math.inf:
+            raise ConfigError(f"optim.lr_multipliers.{prefix} must be a positive factor (got {factor})")
     if not 0 < run.optim.lr < 1e30:  # also rejects nan and inf; above float32's range it cannot even be applied
         raise ConfigError(f"optim.lr must be a positive number below 1e30 (got {run.optim.lr})")
     if run.trainer.stop_at is not None and run.trainer.stop_at < 1:

@@ -286,8 +286,9 @@ def _algorithm_tasks(name: str) -> tuple[str, ...]:
 
 def build_optimizer(cfg: RunConfig, params) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """The outer optimizer and its schedule (stepped once per meta-step): the short names of ``optim.name`` and
-    ``optim.scheduler``, or any classes given by Hydra's ``_target_`` (``optim.optimizer``, ``optim.lr_scheduler``)."""
-    o, params = cfg.optim, list(params)
+    ``optim.scheduler``, or any classes given by Hydra's ``_target_`` (``optim.optimizer``, ``optim.lr_scheduler``).
+    ``params``: parameters, or (name, parameter) pairs (``named_parameters()``), which ``optim.lr_multipliers`` needs."""
+    o, params = cfg.optim, _param_groups(cfg, list(params))
     if o.optimizer is not None:
         opt = _instantiate(o.optimizer, "optim.optimizer", params, lr=o.lr)
     elif o.name == "sgd":
@@ -307,6 +308,29 @@ def build_optimizer(cfg: RunConfig, params) -> tuple[torch.optim.Optimizer, torc
     else:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     return opt, sched
+
+
+def _param_groups(cfg: RunConfig, params: list) -> list:
+    """The parameters, in one group; with ``optim.lr_multipliers``, the rest and one group per prefix (the longest
+    matching prefix of a parameter's name wins) at ``lr * factor``."""
+    named = bool(params) and isinstance(params[0], tuple)
+    factors = cfg.optim.lr_multipliers
+    if not factors:
+        return [p for _, p in params] if named else params
+    if not named:
+        raise TypeError("optim.lr_multipliers needs the parameters by name: build_optimizer(cfg, algo.named_parameters())")
+    base = (cfg.optim.optimizer or {}).get("lr", cfg.optim.lr)
+    groups: dict[str, list] = {prefix: [] for prefix in sorted(factors, key=len, reverse=True)}
+    rest = []
+    for name, p in params:
+        prefix = next((q for q in groups if name == q or name.startswith(q + ".")), None)
+        (groups[prefix] if prefix is not None else rest).append(p)
+    empty = [q for q, ps in groups.items() if not ps]
+    if empty:
+        modules = sorted({name.split(".")[0] for name, _ in params})
+        raise ConfigError(f"optim.lr_multipliers.{empty[0]} names no parameter of algo={cfg.algo.name}; its parameters "
+                          f"are under: {', '.join(modules)} (e.g. backbone, or backbone.convs.3)")
+    return [*([{"params": rest}] if rest else []), *({"params": ps, "lr": base * factors[q]} for q, ps in groups.items())]
 
 
 def _instantiate(node: dict, where: str, first: Any, **defaults: Any) -> Any:
@@ -497,7 +521,7 @@ class Trainer:
         if self.group.is_main:
             for partial in checkpoint.remove_partial(self.ckpt_dir):  # a write cut short by a kill
                 log.info("removed %s, a checkpoint write that did not finish", partial)
-        self.optimizer, self.scheduler = build_optimizer(cfg, self.algo.parameters())
+        self.optimizer, self.scheduler = build_optimizer(cfg, self.algo.named_parameters())
         self.sampler = self.stores["train"].sampler(cfg.ways, cfg.shots, cfg.queries, cfg.meta_batch_size, cfg.seed,
                                                     training=True, **({"within_group": True} if cfg.within_group else {}))
         self.step, self.best, self.val_pending = 0, Best(), False

@@ -86,3 +86,27 @@ def test_a_users_optimizer_class_trains_and_resumes_through_the_cli(tmp_path):
     proc = run_cli(["train", "algo=protonet", *TINY, "optim.optimizer={_target_:torch.optim.AdamW,betaz:1}"],
                    cwd=tmp_path, env=env)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "betaz" in proc.stderr, describe(proc)
+
+
+def test_lr_multipliers_give_parts_of_the_algorithm_their_own_rate():
+    from metalearn.algorithms.feat import FEAT, Config
+    from metalearn.algorithms.base import ProblemInfo
+    from metalearn.models.conv4 import Config as Conv4, build
+
+    model = FEAT(Config(), build(Conv4(hidden=8), (1, 28, 28)), ProblemInfo(input_shape=(1, 28, 28), ways=5, num_train_classes=10))
+    cfg = config(lr=0.01, lr_multipliers={"set_function": 10, "set_function.norm": 0.5}, scheduler="step",
+                 decay_every=1, decay_gamma=0.5)
+    opt, sched = engine.build_optimizer(cfg, model.named_parameters())
+    lrs = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert lrs[id(named["backbone.convs.0.weight"])] == 0.01
+    assert lrs[id(named["set_function.q.weight"])] == pytest.approx(0.1)
+    assert lrs[id(named["set_function.norm.weight"])] == pytest.approx(0.005)  # the longest prefix wins
+    opt.step()  # no gradients: a no-op, in the order torch expects
+    sched.step()
+    assert sorted(g["lr"] for g in opt.param_groups) == pytest.approx([0.0025, 0.005, 0.05])  # schedules scale all
+    with pytest.raises(ConfigError, match=r"optim.lr_multipliers.head names no parameter of algo=protonet; its "
+                                          r"parameters are under: backbone, set_function"):
+        engine.build_optimizer(config(lr_multipliers={"head": 2}), model.named_parameters())
+    with pytest.raises(ConfigError, match=r"optim.lr_multipliers.head must be a positive factor \(got 0.0\)"):
+        config(lr_multipliers={"head": 0})

@@ -30,8 +30,8 @@ term (and its computation). ``loss`` reports the query cross-entropy alone, as e
 
 The paper starts FEAT from a backbone pre-trained as a classifier over the training classes: run
 ``algo=baseline`` first, then ``algo=feat init_from=<that run>`` (see metabaseline.py). The official
-code trains the set function at 10x the backbone's learning rate (``lr_mul``); metalearn's engine has
-one learning rate for all meta-parameters, so here both train at ``optim.lr``.
+code trains the set function at 10x the backbone's learning rate (``lr_mul``): ``optim.lr_multipliers:
+{set_function: 10}`` (the preset sets it).
 """
 
 from __future__ import annotations
