@@ -166,12 +166,14 @@ class ClassStore:
         images = self.images[rows]
         if self.turns == 1:
             return images
-        turn = (classes % self.turns).expand(rows.shape)
-        for k in range(1, self.turns):
-            chosen = turn == k
-            if bool(chosen.any()):
-                images[chosen] = torch.rot90(images[chosen], k, dims=(-2, -1))
-        return images
+        # A turn is a permutation of the pixels: one gather turns every image by its own class's turn, with no
+        # mask per turn (and so no host sync on an accelerator).
+        size = images.shape[-1]
+        grid = torch.arange(size * size, device=images.device).view(size, size)
+        pixel_of = torch.stack([torch.rot90(grid, k).flatten() for k in range(self.turns)])  # [turns, H*W]
+        index = pixel_of[(classes % self.turns).expand(rows.shape)]  # [..., H*W]
+        flat = images.flatten(-2)  # [..., C, H*W]
+        return flat.gather(-1, index.unsqueeze(-2).expand_as(flat)).view_as(images)
 
     def every_image(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(every image of every class, turned as its class says, [n, C, H, W]; its class [n]), in class order:
