@@ -512,6 +512,7 @@ class Trainer:
         build = (lambda: build_algorithm(cfg, self.stores["train"])) if algorithm is None else \
             (lambda: check_algorithm(cfg, problem_info(cfg, self.stores["train"]), algorithm))
         self.algo = self.group.main_first(build)
+        self.algo.check_training(cfg)
         if resume_from is None and cfg.init_from is not None:
             init_backbone(self.algo, cfg.init_from)
         self.algo = self.algo.to(self.device)
@@ -673,21 +674,25 @@ class Trainer:
     def _meta_step(self, params: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         batch = self.group.tasks(self.sampler.sample()).to(self.device)  # this rank's share of the meta-batch
         self.algo.begin_step(self.step, self.cfg.steps)
-        self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device, self.cfg.device.precision):
-            try:
-                metrics = self.algo.meta_step(batch)
-            except RuntimeError as e:
-                if self.cfg.device.compile and any(words in str(e) for words in _DOUBLE_BACKWARD):
-                    raise _compile_refused(self.cfg.algo.name) from None
-                raise
-        self.group.average_gradients(params)  # several processes: the gradient of the whole meta-batch
-        faults.point("step", self.step + 1, rank=self.group.rank)  # the testing hook (metalearn/faults.py)
-        if self.cfg.optim.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)
-        self.optimizer.step()
+        first = None
+        for update in range(self.algo.updates_per_batch):  # > 1: PPO-style epochs over the batch's samples
+            self.optimizer.zero_grad(set_to_none=True)
+            with autocast(self.device, self.cfg.device.precision):
+                try:
+                    metrics = self.algo.meta_step(batch)
+                except RuntimeError as e:
+                    if self.cfg.device.compile and any(words in str(e) for words in _DOUBLE_BACKWARD):
+                        raise _compile_refused(self.cfg.algo.name) from None
+                    raise
+            first = metrics if first is None else first
+            self.group.average_gradients(params)  # several processes: the gradient of the whole meta-batch
+            if update == 0:
+                faults.point("step", self.step + 1, rank=self.group.rank)  # the testing hook (metalearn/faults.py)
+            if self.cfg.optim.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)
+            self.optimizer.step()
         self.scheduler.step()
-        return metrics
+        return first
 
     def _log_train(self, window: "_Window", tb: TensorBoard, bar: tqdm) -> None:
         """Mean train metrics since the last log (the one host sync), NaN check, scalars."""

@@ -5,6 +5,9 @@
   cross-domain protocol of Chen et al. (2019), train on miniImageNet, test on CUB.
 * ``metalearn eval run=DIR data=episodes data.path=FOLDER``: fixed episodes from folders
   (``metalearn/data/episode_folders.py``), every one scored once, in order.
+* ``adaptation_steps=K``: the gradient steps each task is adapted with (the run's ``algo.test_inner_steps`` by
+  default) for the algorithms that take steps (maml, metasgd, anil, mamlpp, reptile, maml_rl, ...): a curve of
+  accuracy or return against steps from one checkpoint.
 * ``finetune.*``, ``tta.*`` and ``run=[A,B,C]`` (an ensemble): test-time options (``metalearn/adaptation.py``).
   The episodes, data and test protocol are the first run's; every result says its seconds per episode.
 
@@ -128,7 +131,9 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     run_dir = path.parent.parent
     if (run_dir / "checkpoints").is_dir():
         precision = run_cfg.device.precision if run_cfg.device.precision != ckpt["config"]["device"]["precision"] else None
-        extra = (*opts.tag(), *([_ensemble_tag(paths)] if len(paths) > 1 else []))
+        steps = cfg.get("adaptation_steps")
+        extra = (*([f"steps{steps}"] if steps is not None else []), *opts.tag(),
+                 *([_ensemble_tag(paths)] if len(paths) > 1 else []))
         out = run_dir / _file_name(path, run_cfg, split, other, fixed, seed, precision, extra)
         atomic_write_json(out, results)
         print(f"results: {out}")
@@ -179,7 +184,14 @@ def _ensemble_tag(paths: list[Path]) -> str:
 def _configs(cfg: DictConfig, ckpt: dict, other: bool) -> tuple[RunConfig, RunConfig]:
     """(the run's own config with the eval options applied, the config of the data being scored)."""
     saved = OmegaConf.create(ckpt["config"])
-    for key, value in {"eval.ways": cfg.ways, "eval.shots": cfg.shots, "eval.queries": cfg.queries,
+    steps = cfg.get("adaptation_steps")
+    if steps is not None:
+        if "test_inner_steps" not in saved.algo:
+            raise ConfigError(f"algo={saved.algo.name} adapts without gradient steps (it has no algo.test_inner_steps); "
+                              f"drop adaptation_steps={steps}")
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+            raise ConfigError(f"adaptation_steps={steps} must be a whole number >= 0 (the gradient steps on each task)")
+    for key, value in {"algo.test_inner_steps": steps, "eval.ways": cfg.ways, "eval.shots": cfg.shots, "eval.queries": cfg.queries,
                        "eval.batch_size": cfg.batch_size, "eval.within_group": cfg.get("within_group"),
                        "trainer.test_episodes": cfg.episodes}.items():
         if value is not None:

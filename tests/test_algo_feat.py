@@ -178,6 +178,7 @@ def test_learns(learning):
 # ---------------------------------------------------------------- the CLI, init_from and the preset
 
 
+@pytest.mark.slow  # init_from itself is tested for every algorithm family in test_init_from.py
 def test_starts_from_a_pretrained_backbone_through_the_cli(cli, tmp_path):
     """A baseline run's backbone under FEAT (init_from); steps at a vanishing rate, so what the run saves is what it
     started from: the baseline's backbone, next to a fresh set function."""

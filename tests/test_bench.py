@@ -16,7 +16,10 @@ TINY = ["--meta-batch-size", "2", "--queries", "3", "--hidden", "16", "--warmup"
         "--threads", "1"]
 
 
-@pytest.mark.parametrize("algo,batched", [("maml", "auto"), ("metasgd", "fold:2"), ("protonet", "loop,fold")])
+# The default tier runs the cheapest side (protonet); maml (with the memory subprocesses) and metasgd in the long tier.
+@pytest.mark.parametrize("algo,batched", [pytest.param("maml", "auto", marks=pytest.mark.slow),
+                                          pytest.param("metasgd", "fold:2", marks=pytest.mark.slow),
+                                          ("protonet", "loop,fold")])
 def test_bench_times_every_side_and_checks_the_meta_gradients(tmp_path, algo, batched):
     out = tmp_path / "bench.json"
     memory = ["--no-memory"] if algo != "maml" else []  # the memory subprocesses once

@@ -58,6 +58,8 @@ def evals(cli, runs, tmp_path_factory) -> dict:
         "missing": [f"run=[{p},{cwd / 'nowhere'}]"],
         "shapes": [f"run=[{p},{s}]"],
         "sequence": [f"run={s}", "finetune.steps=5"],
+        "steps_of_protonet": [f"run={p}", "adaptation_steps=2"],
+        "maml_steps0": [f"run={m}", "episodes=60", "adaptation_steps=0"],
     }
     procs = cli.run_many({k: (["eval", *v], cwd) for k, v in jobs.items()})
     out = {}
@@ -123,3 +125,18 @@ def test_bad_options_end_in_one_line(cli, evals, name, says):
     assert proc.returncode != 0 and results is None, cli.describe(proc)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("metalearn: error: ") and says in lines[0], proc.stderr
+
+
+def test_adaptation_steps_are_refused_for_an_algorithm_without_them(cli, evals):
+    proc, _ = evals["steps_of_protonet"]
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "metalearn: error: algo=protonet adapts without gradient steps (it has no algo.test_inner_steps); "
+        "drop adaptation_steps=2"], cli.describe(proc)
+
+
+def test_adaptation_steps_change_a_gradient_learner_and_get_their_own_file(cli, evals):
+    """MAML with no step at test is the meta-learned initialisation itself: about chance on new classes."""
+    trained, none = ok(cli, evals, "maml"), ok(cli, evals, "maml_steps0")
+    assert none["test"]["accuracy"]["mean"] < trained["test"]["accuracy"]["mean"] - 0.1, (none["test"], trained["test"])
+    written = {RESULTS.search(evals[k][0].stdout).group(1) for k in ("maml", "maml_steps0")}
+    assert len(written) == 2 and any("-steps0" in w for w in written), written

@@ -1,4 +1,7 @@
-"""Every paper preset (``experiment=<algo>_<data>_<shape>``) composes into a valid run config and cites its paper."""
+"""Every paper preset (``experiment=<algo>_<data>_<shape>``) composes into a valid run config and cites its paper.
+
+Meta-RL presets are named ``<method>_<data>`` after their papers' names (``maml_trpo_navigation2d``,
+``promp_halfcheetah_dir``): the method starts with the algorithm's name less its ``_rl`` (maml_rl: ``maml_``)."""
 
 from __future__ import annotations
 
@@ -13,15 +16,19 @@ from metalearn.config import to_run_config
 
 CONF = confdir.CONF_DIR / "experiment"
 PRESETS = sorted(p.stem for p in CONF.glob("*.yaml"))
+ENVIRONMENTS = ("navigation2d", "halfcheetah_vel", "halfcheetah_dir", "ant_dir")  # reinforcement task sources
 
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_preset_composes_and_validates(name):
     with confdir.initialized():
         run = to_run_config(compose("config", overrides=[f"experiment={name}"]))
-    algo, data, _ = name.rsplit("_", 2)  # <algo>_<data>_<shape>
-    # data=features names the dataset it embeds in data.source (leo_miniimagenet_5w1s)
-    assert (run.algo.name, getattr(run.data, "source", None) or run.data.name) == (algo, data)
+    if run.data.name in ENVIRONMENTS:  # <method>_<data>[_<variant>]
+        assert name.startswith(run.algo.name.removesuffix("_rl") + "_") and f"_{run.data.name}" in name, name
+    else:
+        algo, data, _ = name.rsplit("_", 2)  # <algo>_<data>_<shape>
+        # data=features names the dataset it embeds in data.source (leo_miniimagenet_5w1s)
+        assert (run.algo.name, getattr(run.data, "source", None) or run.data.name) == (algo, data)
     header = (Path(__file__).resolve().parents[1] / f"conf/experiment/{name}.yaml").read_text()
     assert re.search(r"\(\w[^()]*\b(19|20)\d\d\b", header.splitlines()[1]), header  # "(Author ... year": its paper
 
@@ -44,7 +51,7 @@ def test_preset_carries_its_paper_figure_as_data(name):
         cfg = compose("config", overrides=[f"experiment={name}"])
     paper = paper_config(cfg)
     assert paper is not None, f"{name} has no paper: section"
-    regression, reinforcement = cfg.data.name == "sinusoid", cfg.data.name == "navigation2d"
+    regression, reinforcement = cfg.data.name == "sinusoid", cfg.data.name in ENVIRONMENTS
     assert (re.fullmatch(r"mse(_step\d+)?", paper.metric) if regression else
             re.fullmatch(r"return(_step\d+)?", paper.metric) if reinforcement else paper.metric == "accuracy"), paper.metric
     assert re.search(r"\b(19|20)\d\d\b", paper.source) and paper.protocol, paper  # authors year ...; the protocol

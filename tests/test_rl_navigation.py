@@ -39,7 +39,7 @@ def sampler(split="train", shots=3, queries=2, batch=5, seed=0, **cfg):
 def test_dynamics_and_reward_by_hand():
     env = navigation2d.Navigation2D()
     goal = torch.tensor([[0.3, -0.4]], dtype=torch.float64)
-    pos, obs = env.reset(goal, 1)
+    pos, obs = env.reset(goal, torch.zeros(1, 1, dtype=torch.long))
     assert pos.tolist() == [[[0.0, 0.0]]] and obs.tolist() == [[[0.0, 0.0]]]
     pos, obs, reward, done = env.step(goal, pos, torch.tensor([[[0.5, 0.05]]], dtype=torch.float64))  # x clipped
     assert torch.allclose(pos, torch.tensor([[[0.1, 0.05]]], dtype=torch.float64))
@@ -61,7 +61,8 @@ def test_rollouts_stop_at_the_goal_and_mask_the_rest():
     params = {"bias": torch.tensor([[0.1, 0.0], [0.1, 0.0]], dtype=torch.float64),
               "log_std": torch.zeros(2, 2, dtype=torch.float64)}
     goals = torch.tensor([[0.3, 0.0], [0.25, 0.0]], dtype=torch.float64)
-    episodes = rollout(policy, params, env, goals, torch.zeros(2, 1, 6, 2, dtype=torch.float64))
+    episodes = rollout(policy, params, env, goals, torch.zeros(2, 1, 6, 2, dtype=torch.float64),
+                       torch.zeros(2, 1, dtype=torch.long))
     assert episodes.mask[0, 0].tolist() == [1, 1, 1, 0, 0, 0] and episodes.mask[1, 0].tolist() == [1] * 6
     torch.testing.assert_close(episodes.rewards[0, 0], torch.tensor([-0.2, -0.1, 0, 0, 0, 0], dtype=torch.float64))
     # The goal at 0.25 is never within 0.01: the agent passes it and walks on.
@@ -178,8 +179,8 @@ class Line:
     def __init__(self, horizon: int):
         self.horizon = horizon
 
-    def reset(self, params, episodes):
-        s = params.new_full((params.shape[0], episodes, 1), 0.3)
+    def reset(self, params, seeds):
+        s = params.new_full((params.shape[0], seeds.shape[1], 1), 0.3)
         return s, s
 
     def step(self, params, s, a):
@@ -216,10 +217,12 @@ def meta_gradient_and_finite_difference(horizon, shots, queries, inner_steps, ba
     support = nodes[:, :support_dims].reshape(N, inner_steps, shots, horizon, 1).transpose(0, 1)
     query = nodes[:, support_dims:].reshape(N, queries, horizon, 1)
     goals = torch.full((N, 1), 0.7, dtype=torch.float64)
+    seeds = torch.zeros(N, shots + queries, dtype=torch.long)  # the line's start is fixed
     theta = list(algo.parameters())
 
     def objective():
-        return algo.objective(algo.stacked(N), Line(horizon), goals, support, query, create_graph=not algo.cfg.first_order)
+        return algo.objective(algo.stacked(N), Line(horizon), goals, support, query, seeds[:, :shots], seeds[:, shots:],
+                              create_graph=not algo.cfg.first_order)
 
     out = objective()
     estimate = torch.autograd.grad(((out.surrogate + out.credit * out.post) * weights).sum(), theta)
@@ -299,7 +302,7 @@ def test_evaluation_reports_the_return_after_each_step():
     assert all(p.grad is None for p in algo.parameters())
     # Step 0 is the unadapted policy on the support episodes' first noise block.
     noise = episode_noise(batch.support_y, 2, 10, 2, torch.float32, torch.device("cpu"))[0]
-    episodes = rollout(algo.policy, algo.stacked(4, detach=True), batch.env, batch.params, noise)
+    episodes = rollout(algo.policy, algo.stacked(4, detach=True), batch.env, batch.params, noise, batch.support_y)
     torch.testing.assert_close(out["return_step0"], episodes.returns())
     assert algo.primary_metric == "return" and algo.higher_is_better
 
@@ -379,6 +382,19 @@ def test_train_kill_resume_bit_for_bit_and_eval_through_the_cli(tmp_path):
     proc = run_cli(["eval", f"run={run}", "episodes=6"], tmp_path)
     assert proc.returncode == 0, describe(proc)
     assert "return_step2:" in proc.stdout and "(95% CI, 6 episodes)" in proc.stdout
+    # Another number of adaptation steps from the same checkpoint: one more step, its own results file.
+    more = run_cli(["eval", f"run={run}", "episodes=6", "adaptation_steps=3"], tmp_path)
+    assert more.returncode == 0, describe(more)
+    files = {p.name: json.loads(p.read_text()) for p in run.glob("eval-*.json")}
+    assert len(files) == 2 and any("-steps3" in name for name in files), sorted(files)
+    three = next(r for name, r in files.items() if "-steps3" in name)["test"]
+    two = next(r for name, r in files.items() if "-steps3" not in name)["test"]
+    assert list(three) == ["return_step0", "return_step1", "return_step2", "return_step3", "return"]
+    # Steps before the last run the support episodes, the last the query episodes: steps 0 and 1 are the same runs.
+    assert all(three[f"return_step{k}"] == two[f"return_step{k}"] for k in range(2))
+    bad = run_cli(["eval", f"run={run}", "adaptation_steps=-1"], tmp_path)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "metalearn: error: adaptation_steps=-1 must be a whole number >= 0 (the gradient steps on each task)"], describe(bad)
 
 
 def test_task_kinds_are_checked_in_one_line(tmp_path):

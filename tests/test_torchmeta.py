@@ -120,6 +120,7 @@ def small_glyphs(**kwargs):
     return glyphs(None, **{"ways": 5, "shots": 1, "test_shots": 15, "meta_train": True, "config": GLYPHS, **kwargs})
 
 
+@pytest.mark.slow  # the default tier's torchmeta programs that learn: test_torchmeta_examples.py (maml, protonet)
 def test_maml_script_learns_glyphs_with_only_the_imports_changed(tmp_path):
     # 150 first-order meta-steps of 2 tasks, then 160 test tasks: 47.2% measured (55 s on a shared, overloaded 2-core CPU).
     torch.set_num_threads(1)

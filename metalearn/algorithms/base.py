@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -96,6 +96,11 @@ class Algorithm(nn.Module):
     #: the MAML family): ``metalearn eval finetune.*`` fits a new head on those features. False for sequence
     #: learners (SNAIL, MANN), whose backbone feeds a reader of the whole episode
     per_example_features: bool = True
+    #: how many times the trainer calls ``meta_step`` on each batch, each call followed by an optimizer step (the
+    #: schedule steps once per batch): PPO-style epochs over one batch's samples (ProMP, RL^2). An algorithm with
+    #: more than one keeps what it computed from the batch (its rollouts) between the calls, and is handed the same
+    #: batch object; the trainer logs the first call's metrics
+    updates_per_batch: int = 1
 
     def begin_step(self, step: int, total_steps: int) -> None:
         """Called before each ``meta_step`` with the number of meta-steps done so far (0-based).
@@ -108,6 +113,11 @@ class Algorithm(nn.Module):
         """Called once by the trainer (also on a resume) when the algorithm is built, on its device, before the
         first step and before anything is logged: read what training needs besides the config and weights (RFS's
         teacher), so that a mistake in it ends the run before it starts."""
+
+    def check_training(self, cfg: Any) -> None:
+        """Raise ConfigError if this algorithm cannot be trained with the run config ``cfg`` (a ``RunConfig``) beyond
+        its own group: e.g. an algorithm that computes its own outer step (TRPO) and needs ``optim.name=sgd``
+        with ``optim.lr=1``, or one that needs the whole meta-batch in one process. Called once by the trainer."""
 
     def meta_step(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
         """One meta-training step on a batch of tasks: fill ``.grad`` of the meta-parameters."""

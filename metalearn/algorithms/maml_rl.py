@@ -67,7 +67,7 @@ from torch import nn
 from metalearn.algorithms.base import Algorithm, ProblemInfo
 from metalearn.algorithms.policy_gradient import (BASELINES, GaussianPolicy, Rollouts, advantages, log_prob,
                                                   rollout)
-from metalearn.data.environments import EnvTasks, episode_noise
+from metalearn.data.environments import EnvTasks, episode_noise, reset_seeds
 from metalearn.errors import ConfigError
 from metalearn.models.functional import task_batched_forward
 
@@ -155,21 +155,22 @@ class MAMLRL(Algorithm):
         return {k: p - c.inner_lr * g for (k, p), g in zip(params.items(), grads)}, logp
 
     def objective(self, params: dict, env, task_params: torch.Tensor, support_noise: torch.Tensor,
-                  query_noise: torch.Tensor, create_graph: bool) -> Objective:
+                  query_noise: torch.Tensor, support_seeds: torch.Tensor, query_seeds: torch.Tensor,
+                  create_graph: bool) -> Objective:
         """The meta-objective's pieces for tasks with weights ``params`` (stacked) from given action noise:
-        support_noise [inner_steps, B, K, H, A], query_noise [B, Q, H, A]."""
+        support_noise [inner_steps, B, K, H, A], query_noise [B, Q, H, A], and episode seeds [B, K], [B, Q]."""
         c = self.cfg
         credit = torch.zeros(task_params.shape[0], dtype=query_noise.dtype, device=query_noise.device)
         return_pre = None
         for j in range(support_noise.shape[0]):
-            episodes = rollout(self.policy, params, env, task_params, support_noise[j])
+            episodes = rollout(self.policy, params, env, task_params, support_noise[j], reset_seeds(support_seeds, j))
             if return_pre is None:
                 return_pre = episodes.returns()
             params, logp = self.inner_update(params, episodes, create_graph, keep_log_probs=c.pre_update_credit)
             if c.pre_update_credit:
                 total = (logp * episodes.mask).sum((1, 2))
                 credit = credit + (total - total.detach())
-        episodes = rollout(self.policy, params, env, task_params, query_noise)
+        episodes = rollout(self.policy, params, env, task_params, query_noise, query_seeds)
         logp = log_prob(self.policy, params, episodes)
         adv = advantages(episodes, c.discount, c.gae_lambda, c.baseline, normalize=False)
         steps = query_noise.shape[1] * query_noise.shape[2]  # Q * H: f is the mean reward per step
@@ -187,7 +188,8 @@ class MAMLRL(Algorithm):
     def meta_step(self, batch: EnvTasks) -> dict[str, torch.Tensor]:
         B, c = batch.num_tasks, self.cfg
         out = self.objective(self.stacked(B), batch.env, batch.params, self._noise(batch, batch.support_y, c.inner_steps),
-                             self._noise(batch, batch.query_y, 1)[0], create_graph=not c.first_order)
+                             self._noise(batch, batch.query_y, 1)[0], batch.support_y, batch.query_y,
+                             create_graph=not c.first_order)
         f = out.post
         others = (f.sum() - f) / (B - 1) if B > 1 else torch.zeros_like(f)  # independent of each task's samples
         (-(out.surrogate + out.credit * (f - others)).mean()).backward()
@@ -199,12 +201,13 @@ class MAMLRL(Algorithm):
         support = self._noise(batch, batch.support_y, K) if K else None
         metrics: dict[str, torch.Tensor] = {}
         for k in range(K):
-            episodes = rollout(self.policy, params, batch.env, batch.params, support[k])
+            episodes = rollout(self.policy, params, batch.env, batch.params, support[k], reset_seeds(batch.support_y, k))
             metrics[f"return_step{k}"] = episodes.returns()
             with torch.enable_grad():
                 params, _ = self.inner_update(params, episodes, create_graph=False)
             params = {name: v.detach().requires_grad_() for name, v in params.items()}
-        episodes = rollout(self.policy, params, batch.env, batch.params, self._noise(batch, batch.query_y, 1)[0])
+        episodes = rollout(self.policy, params, batch.env, batch.params, self._noise(batch, batch.query_y, 1)[0],
+                           batch.query_y)
         metrics[f"return_step{K}"] = metrics["return"] = episodes.returns()
         return metrics
 

@@ -58,12 +58,13 @@ class GaussianPolicy:
 
 
 def rollout(policy: GaussianPolicy, params: dict, env: Any, task_params: torch.Tensor,
-            noise: torch.Tensor) -> Rollouts:
-    """Run ``noise.shape[1]`` episodes of every task with the task's weights; noise [B, E, H, A] standard normal."""
+            noise: torch.Tensor, seeds: torch.Tensor) -> Rollouts:
+    """Run ``noise.shape[1]`` episodes of every task with the task's weights; noise [B, E, H, A] standard normal,
+    seeds [B, E] the environment's (``environments.reset_seeds``)."""
     B, E, H, _ = noise.shape
     obs_list, action_list, reward_list, mask_list = [], [], [], []
     with torch.no_grad():
-        state, obs = env.reset(task_params, E)
+        state, obs = env.reset(task_params, seeds)
         alive = torch.ones(B, E, dtype=torch.bool, device=noise.device)
         for t in range(H):
             mean, log_std = policy(params, obs)
@@ -146,3 +147,24 @@ def advantages(rollouts: Rollouts, discount: float, gae_lambda: float, baseline:
         std = (((adv - mean) * mask) ** 2).sum((1, 2), keepdim=True).div(n).sqrt()
         adv = (adv - mean) / (std + 1e-8) * mask
     return adv
+
+
+def clipped_surrogate(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
+                      clip: float) -> torch.Tensor:
+    """PPO's clipped objective of each task (Schulman et al. 2017), to be maximised: the mean over its steps of
+    min(r A, clip(r, 1 - clip, 1 + clip) A) with r = exp(logp - logp_old). [B, E, H] each -> [B]."""
+    ratio = torch.exp(logp - logp_old)
+    objective = torch.minimum(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv) * mask
+    return objective.sum((1, 2)) / mask.sum((1, 2))
+
+
+def mean_kl(policy: GaussianPolicy, params_old: dict, params_new: dict, rollouts: Rollouts) -> torch.Tensor:
+    """KL(pi_old(.|s) || pi_new(.|s)) of each task, averaged over the steps of its episodes (differentiable in
+    both): [B]. The trust region of TRPO and ProMP's KL penalty."""
+    B, E, H, O = rollouts.obs.shape
+    obs = rollouts.obs.reshape(B, E * H, O)
+    mean0, log_std0 = policy(params_old, obs)
+    mean1, log_std1 = policy(params_new, obs)
+    kl = (log_std1 - log_std0 + (torch.exp(2 * log_std0) + (mean0 - mean1) ** 2) / (2 * torch.exp(2 * log_std1))
+          - 0.5).sum(-1).view(B, E, H)
+    return (kl * rollouts.mask).sum((1, 2)) / rollouts.mask.sum((1, 2))

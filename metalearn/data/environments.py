@@ -21,12 +21,15 @@ sampler draws from its own generator: a run resumed from a checkpoint (which hol
 state) makes bit for bit the rollouts of an uninterrupted one, and an evaluation episode is the same
 whatever the evaluation batch size.
 
-An environment is batched torch with no simulator in the loop (``navigation2d``), or later one
-stepped in worker processes (MuJoCo): the algorithm sees ``reset`` and ``step`` only::
+An environment is batched torch with no simulator in the loop (``navigation2d``), or one stepped in
+worker processes (MuJoCo): the algorithm sees ``reset`` and ``step`` only::
 
     env.obs_size, env.action_size, env.horizon
-    env.reset(params [B, P], episodes) -> (state, obs [B, E, obs_size])
+    env.reset(params [B, P], seeds [B, E] int64) -> (state, obs [B, E, obs_size])
     env.step(params, state, action [B, E, action_size]) -> (state, obs, reward [B, E], done [B, E] bool)
+
+``seeds`` fix whatever is random in an episode's start (a simulator's initial-state noise); an environment
+whose start is fixed ignores them. ``reset_seeds(seeds, block)`` gives the ones of adaptation step ``block``.
 """
 
 from __future__ import annotations
@@ -78,6 +81,13 @@ def episode_noise(seeds: torch.Tensor, blocks: int, horizon: int, size: int, dty
         torch.randn(blocks, horizon, size, generator=g, dtype=torch.float64, out=noise[i])
     noise = noise.view(*seeds.shape, blocks, horizon, size).permute(2, 0, 1, 3, 4)
     return noise.to(dtype=dtype).to(device)
+
+
+def reset_seeds(seeds: torch.Tensor, block: int) -> torch.Tensor:
+    """The environment seeds of the episodes' ``block``-th run (inner step ``block``): [B, E] int64 in [0, 2^63).
+
+    Episode seeds are drawn below 2^62, so adding the block keeps them distinct and non-negative."""
+    return seeds + block
 
 
 class EnvTaskSource:

@@ -51,8 +51,8 @@ class Navigation2D:
     def __init__(self, horizon: int = 100, max_action: float = 0.1, goal_tolerance: float = 0.01):
         self.horizon, self.max_action, self.goal_tolerance = horizon, max_action, goal_tolerance
 
-    def reset(self, params: torch.Tensor, episodes: int) -> tuple[torch.Tensor, torch.Tensor]:
-        position = params.new_zeros(params.shape[0], episodes, 2)
+    def reset(self, params: torch.Tensor, seeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        position = params.new_zeros(params.shape[0], seeds.shape[1], 2)  # every episode starts at the origin
         return position, position
 
     def step(self, params: torch.Tensor, position: torch.Tensor,
