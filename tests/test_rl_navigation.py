@@ -403,7 +403,7 @@ def test_task_kinds_are_checked_in_one_line(tmp_path):
         "sinusoid": ["algo=maml_rl", "data=sinusoid"],
     }.items()}
     for name, message in [("maml", "algo=maml learns classification and regression tasks only, and data=navigation2d "
-                                   "is reinforcement; use one of: maml_rl"),
+                                   "is reinforcement; use one of: maml_rl, rl2, promp"),
                           ("sinusoid", "algo=maml_rl learns reinforcement tasks only, and data=sinusoid is regression; "
                                        "use one of: maml, reptile, metasgd")]:
         proc = runs[name]

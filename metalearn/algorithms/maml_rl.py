@@ -12,7 +12,8 @@ state-independent log standard deviation (``log_std``, initial ``init_std``). Fo
 3. ``queries`` episodes with theta' (the query rollouts), whose mean reward per step is the task's
    meta-objective f.
 
-The meta-gradient; the engine's optimizer (Adam by default, ``optim.*``) makes the outer step. The objective
+The meta-gradient; with ``outer=optimizer`` the engine's optimizer (Adam by default, ``optim.*``) makes the
+outer step (``outer=trpo`` and ``outer=ppo``: below). The objective
 is J(theta) = E_tau[E_tau'[f(tau')]], the expected post-update return, where the update theta' = U(theta, tau)
 is the one the algorithm makes from the *sampled* support episodes tau (the ProMP paper's "formulation I",
 Rothfuss et al. 2019; E-MAML, Stadie et al. 2018). Its gradient has two parts:
@@ -50,23 +51,44 @@ Randomness: the action noise of every episode comes from the episode's seed, whi
 (data/environments.py); this module has no random state of its own, so a resumed run is bit for bit an
 uninterrupted one.
 
-Not here yet: the paper's outer TRPO step and a PPO-style outer loss (use ``optim.*`` for the outer
-optimizer), ProMP, RL^2, MuJoCo tasks and sampling in worker processes.
+The outer step (``outer``):
+
+* ``optimizer`` (the default): meta_step fills ``.grad`` with the meta-gradient above and the engine's optimizer
+  (``optim.*``) steps.
+* ``trpo``: the MAML paper's meta-optimizer (its code: cbfinn/maml_rl's MAMLTRPO with rllab's
+  ConjugateGradientOptimizer). The support episodes are sampled once with theta_old, and the query episodes
+  once with theta_old' (the update of theta_old from them); then L(theta) = mean over tasks and query steps of
+  exp(log pi_theta'(a|s) - log pi_old'(a|s)) A, where theta' is theta's update from the same, cached support
+  episodes (re-adapted for every candidate theta), is maximised subject to the mean over tasks of
+  KL(pi_old' || pi_theta') on the query states <= ``max_kl``: a natural-gradient step by conjugate gradient on
+  Hessian-vector products of that KL (through the inner update; second order unless ``first_order``), scaled
+  to the trust region and backtracked (metalearn/algorithms/trpo.py). meta_step sets ``.grad`` to minus the
+  step, so the engine's optimizer must be plain SGD with step 1 (``check_training`` says so in one line).
+* ``ppo``: a PPO-style outer objective (the clipped surrogate of the same ratio, ``clip``), ``ppo_epochs``
+  optimizer steps (``optim.*``) on each batch's samples: the rollouts are sampled and cached on a batch's first
+  call, every call re-adapts from the cached support episodes with the current theta.
+
+With ``trpo`` and ``ppo`` the query advantages A are normalised per task too when ``normalize_advantages`` (as
+the paper's code: rllab's ``center_adv`` applies to every batch of samples), and the objective's gradient is
+the paper's estimator (``pre_update_credit=true`` is for ``outer=optimizer``).
+
+ProMP and RL^2 are modules of their own (promp.py, rl2.py).
 """
 
 from __future__ import annotations
 
-import os
-
 import math
+import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from metalearn.algorithms import trpo
 from metalearn.algorithms.base import Algorithm, ProblemInfo
-from metalearn.algorithms.policy_gradient import (BASELINES, GaussianPolicy, Rollouts, advantages, log_prob,
-                                                  rollout)
+from metalearn.algorithms.policy_gradient import (BASELINES, GaussianPolicy, Rollouts, advantages, clipped_surrogate,
+                                                  log_prob, mean_kl, rollout)
 from metalearn.data.environments import EnvTasks, episode_noise, reset_seeds
 from metalearn.errors import ConfigError
 from metalearn.models.functional import task_batched_forward
@@ -85,6 +107,21 @@ class Config:
     baseline: str = "linear"  # linear (the paper's, fitted on all of a task's episodes) | loo (each episode's on the others) | none
     normalize_advantages: bool = True  # inner step: advantages to mean 0, std 1 per task (rllab's center_adv)
     init_std: float = 1.0  # initial standard deviation of the actions
+    outer: str = "optimizer"  # the outer step: optimizer (optim.*) | trpo (the paper's) | ppo (clipped, several epochs)
+    max_kl: float = 0.01  # trpo: the trust region, mean KL(pi_old' || pi_theta') on the query states
+    cg_iters: int = 10  # trpo: conjugate-gradient iterations for F^-1 g
+    cg_damping: float = 1e-5  # trpo: F + damping I (rllab's reg_coeff)
+    backtrack_ratio: float = 0.8  # trpo: the line search's fractions of the step, 1, ratio, ratio^2, ...
+    max_backtracks: int = 15  # trpo: ... at most this many tries; none accepted: no step
+    ppo_epochs: int = 5  # ppo: optimizer steps on each batch's samples
+    clip: float = 0.2  # ppo: the likelihood ratio's clip range, [1 - clip, 1 + clip]
+
+
+OUTER = ("optimizer", "trpo", "ppo")
+
+#: what outer=trpo needs of optim.*: the optimizer applies the step it is handed as a gradient unchanged
+TRPO_OPTIM = {"name": "sgd", "lr": 1.0, "momentum": 0.0, "weight_decay": 0.0, "grad_clip": None,
+              "scheduler": "constant", "lr_multipliers": None, "optimizer": None, "lr_scheduler": None}
 
 
 @dataclass
@@ -96,6 +133,18 @@ class Objective:
     post: torch.Tensor  # f: mean reward per step of the query episodes (detached)
     return_pre: torch.Tensor  # mean undiscounted return of the first support episodes
     return_post: torch.Tensor  # ... of the query episodes
+
+
+@dataclass
+class Samples:
+    """One batch's rollouts for outer=trpo and outer=ppo, sampled once with theta_old (``MAMLRL.sample``)."""
+
+    supports: list[Rollouts]  # the support episodes of each inner step (step j's with theta_old after j updates)
+    adapted: dict  # theta_old', stacked, differentiable w.r.t. theta (through the inner updates); {} once used
+    query: Rollouts  # the query episodes, run with theta_old'
+    logp_old: torch.Tensor  # [B, Q, H] their log-probabilities under theta_old' (detached)
+    adv: torch.Tensor  # [B, Q, H] their advantages
+    metrics: dict  # loss, return_pre, return_post
 
 
 class MAMLRL(Algorithm):
@@ -117,7 +166,21 @@ class MAMLRL(Algorithm):
         if not (0 <= cfg.discount <= 1 and 0 <= cfg.gae_lambda <= 1 and cfg.init_std > 0):
             raise ConfigError("algo.discount and algo.gae_lambda must be in [0, 1], algo.init_std > 0 (got "
                               f"{cfg.discount}, {cfg.gae_lambda}, {cfg.init_std})")
+        if cfg.outer not in OUTER:
+            raise ConfigError(f"algo.outer={cfg.outer!r} is not one of: {', '.join(OUTER)}")
+        if cfg.outer != "optimizer" and cfg.pre_update_credit:
+            raise ConfigError(f"algo.pre_update_credit=true is for algo.outer=optimizer (algo.outer={cfg.outer} uses "
+                              f"the paper's estimator); set algo.pre_update_credit=false or algo.outer=optimizer")
+        if not (cfg.max_kl > 0 and cfg.cg_iters >= 1 and cfg.cg_damping >= 0 and 0 < cfg.backtrack_ratio < 1
+                and cfg.max_backtracks >= 1 and cfg.ppo_epochs >= 1 and cfg.clip > 0):
+            raise ConfigError(f"algo.max_kl, algo.cg_iters, algo.max_backtracks, algo.ppo_epochs and algo.clip must "
+                              f"be > 0, algo.cg_damping >= 0 and algo.backtrack_ratio in (0, 1) (got {cfg.max_kl}, "
+                              f"{cfg.cg_iters}, {cfg.max_backtracks}, {cfg.ppo_epochs}, {cfg.clip}, {cfg.cg_damping}, "
+                              f"{cfg.backtrack_ratio})")
         self.cfg = cfg
+        self.updates_per_batch = cfg.ppo_epochs if cfg.outer == "ppo" else 1
+        # outer=ppo: the current batch, its samples and the epochs made on them (checkpoints fall between batches)
+        self._samples: tuple[EnvTasks, Samples, int] | None = None
         self.net = nn.Sequential(backbone, nn.Linear(backbone.out_features, info.outputs))
         self.log_std = nn.Parameter(torch.full((info.outputs,), math.log(cfg.init_std)))
         forward = task_batched_forward(self.net)
@@ -132,14 +195,42 @@ class MAMLRL(Algorithm):
                               f"shots >= 2 and queries >= 2 (got {shots}, {queries}); or use algo.baseline=linear")
 
     def differentiates_backbone_backward(self) -> bool:
-        return not self.cfg.first_order
+        return not self.cfg.first_order or self.cfg.outer == "trpo"  # TRPO: the KL's Hessian-vector products
+
+    def check_training(self, cfg: Any) -> None:
+        if self.cfg.outer != "trpo":
+            return
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("algo.outer=trpo's line search needs the whole meta-batch in one process; run it without "
+                              "torchrun, or use algo.outer=optimizer or algo.outer=ppo")
+
+        def text(value: Any) -> str:
+            return "null" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+        wrong = [key for key, want in TRPO_OPTIM.items() if getattr(cfg.optim, key) != want]
+        if wrong:
+            raise ConfigError("algo.outer=trpo makes the outer step itself and hands it to the optimizer as a "
+                              "gradient, which plain SGD with step 1 applies unchanged: set "
+                              + " ".join(f"optim.{k}={text(TRPO_OPTIM[k])}" for k in wrong) + " (got "
+                              + ", ".join(f"optim.{k}={text(getattr(cfg.optim, k))}" for k in wrong) + ")")
 
     # ------------------------------------------------------------ pure functions of per-task weights
 
-    def stacked(self, tasks: int, detach: bool = False) -> dict:
-        """The policy's weights, one copy per task: ``{name: [tasks, ...]}`` (a view: gradients sum into theta)."""
-        own = {**dict(self.net.named_parameters()), "log_std": self.log_std}
+    def weights(self) -> dict:
+        """The policy's weights theta, ``{name: parameter}`` (the names ``stacked`` and the policy use)."""
+        return {**dict(self.net.named_parameters()), "log_std": self.log_std}
+
+    def stacked(self, tasks: int, detach: bool = False, weights: dict | None = None) -> dict:
+        """The policy's weights, one copy per task: ``{name: [tasks, ...]}`` (a view: gradients sum into theta).
+        ``weights``: these instead of the parameters (``{name: tensor}``, as ``self.weights()``)."""
+        own = self.weights() if weights is None else weights
         return {k: (v.detach() if detach else v).expand(tasks, *v.shape) for k, v in own.items()}
+
+    def adapt(self, params: dict, supports: list[Rollouts], create_graph: bool) -> dict:
+        """The inner updates of stacked weights from given support episodes, one update per entry."""
+        for episodes in supports:
+            params, _ = self.inner_update(params, episodes, create_graph)
+        return params
 
     def inner_update(self, params: dict, rollouts: Rollouts, create_graph: bool,
                      keep_log_probs: bool = False) -> tuple[dict, torch.Tensor]:
@@ -185,7 +276,37 @@ class MAMLRL(Algorithm):
         env = batch.env
         return episode_noise(seeds, blocks, env.horizon, env.action_size, self.log_std.dtype, self.log_std.device)
 
+    def sample(self, batch: EnvTasks) -> Samples:
+        """The batch's rollouts with the current theta (theta_old): the support episodes of each inner step, the
+        update theta_old' (differentiable w.r.t. theta unless ``first_order``), the query episodes with it, their
+        log-probabilities and advantages (normalised per task with ``normalize_advantages``, as the paper's code)."""
+        B, c = batch.num_tasks, self.cfg
+        noise = self._noise(batch, batch.support_y, c.inner_steps)
+        params, supports = self.stacked(B), []
+        for j in range(c.inner_steps):
+            supports.append(rollout(self.policy, params, batch.env, batch.params, noise[j],
+                                    reset_seeds(batch.support_y, j)))
+            params, _ = self.inner_update(params, supports[-1], create_graph=not c.first_order)
+        query = rollout(self.policy, params, batch.env, batch.params, self._noise(batch, batch.query_y, 1)[0],
+                        batch.query_y)
+        logp = log_prob(self.policy, params, query)
+        adv = advantages(query, c.discount, c.gae_lambda, c.baseline, c.normalize_advantages)
+        f = query.rewards.sum((1, 2)) / (query.rewards.shape[1] * query.rewards.shape[2])  # mean reward per step
+        metrics = {"loss": -f, "return_pre": (supports[0] if supports else query).returns(),
+                   "return_post": query.returns()}
+        return Samples(supports, params, query, logp.detach(), adv, metrics)
+
+    @staticmethod
+    def ratio_surrogate(logp: torch.Tensor, samples: Samples) -> torch.Tensor:
+        """TRPO's L: the mean over tasks of the mean over their query steps of exp(logp - logp_old) A."""
+        mask = samples.query.mask
+        return ((torch.exp(logp - samples.logp_old) * samples.adv * mask).sum((1, 2)) / mask.sum((1, 2))).mean()
+
     def meta_step(self, batch: EnvTasks) -> dict[str, torch.Tensor]:
+        if self.cfg.outer == "trpo":
+            return self._trpo_step(batch)
+        if self.cfg.outer == "ppo":
+            return self._ppo_step(batch)
         B, c = batch.num_tasks, self.cfg
         out = self.objective(self.stacked(B), batch.env, batch.params, self._noise(batch, batch.support_y, c.inner_steps),
                              self._noise(batch, batch.query_y, 1)[0], batch.support_y, batch.query_y,
@@ -194,6 +315,57 @@ class MAMLRL(Algorithm):
         others = (f.sum() - f) / (B - 1) if B > 1 else torch.zeros_like(f)  # independent of each task's samples
         (-(out.surrogate + out.credit * (f - others)).mean()).backward()
         return {"loss": -f, "return_pre": out.return_pre, "return_post": out.return_post}
+
+    def _trpo_step(self, batch: EnvTasks) -> dict[str, torch.Tensor]:
+        """The paper's TRPO outer step; ``.grad`` = minus the step, which SGD with lr 1 adds (check_training)."""
+        B, c = batch.num_tasks, self.cfg
+        theta = self.weights()
+        samples = self.sample(batch)
+        old = {k: v.detach() for k, v in samples.adapted.items()}
+
+        def kl(params: dict) -> torch.Tensor:  # [B]
+            return mean_kl(self.policy, old, params, samples.query)
+
+        task_kl = torch.zeros(B, dtype=samples.adv.dtype, device=samples.adv.device)  # no step: 0
+
+        def evaluate(step: torch.Tensor) -> tuple[float, float]:  # (L, KL) at theta_old + step
+            nonlocal task_kl
+            moved = {k: (v.detach() + s).requires_grad_() for (k, v), s in zip(theta.items(),
+                                                                              trpo.unflat(step, list(theta.values())))}
+            params = self.adapt(self.stacked(B, weights=moved), samples.supports, create_graph=False)
+            with torch.no_grad():
+                task_kl = kl(params)  # the accepted step's is the last one evaluated
+                return float(self.ratio_surrogate(log_prob(self.policy, params, samples.query), samples)), \
+                    float(task_kl.mean())
+
+        surrogate = self.ratio_surrogate(log_prob(self.policy, samples.adapted, samples.query), samples)
+        result = trpo.trust_region_step(list(theta.values()), surrogate, kl(samples.adapted).mean(), evaluate,
+                                        c.max_kl, c.cg_iters, c.cg_damping, c.backtrack_ratio, c.max_backtracks)
+        for p, s in zip(theta.values(), trpo.unflat(result.step, list(theta.values()))):
+            p.grad = s.neg()  # the engine's SGD (lr 1, no momentum) makes exactly theta_old + step
+        if not result.accepted:
+            task_kl = torch.zeros_like(task_kl)
+        scalar = lambda x: torch.tensor(float(x), dtype=samples.adv.dtype, device=samples.adv.device)  # noqa: E731
+        return {**samples.metrics, "kl": task_kl, "line_search_tries": scalar(result.tries),
+                "step_accepted": scalar(result.accepted), "surrogate_gain": scalar(result.improvement)}
+
+    def _ppo_step(self, batch: EnvTasks) -> dict[str, torch.Tensor]:
+        """One epoch of the PPO-style outer objective: the rollouts are the batch's first call's (cached)."""
+        c = self.cfg
+        cached = self._samples
+        if cached is None or cached[0] is not batch or cached[2] >= c.ppo_epochs:  # a new batch: sample it
+            samples = self.sample(batch)
+            self._samples = (batch, samples, 1)
+            logp = log_prob(self.policy, samples.adapted, samples.query)
+            samples.adapted = {}  # its graph is the first epoch's only
+        else:  # a further epoch: theta' re-adapted from the cached support episodes with the current theta
+            samples = cached[1]
+            self._samples = (batch, samples, cached[2] + 1)
+            params = self.adapt(self.stacked(batch.num_tasks), samples.supports, create_graph=not c.first_order)
+            logp = log_prob(self.policy, params, samples.query)
+        objective = clipped_surrogate(logp, samples.logp_old, samples.adv, samples.query.mask, c.clip)
+        (-objective.mean()).backward()
+        return samples.metrics
 
     def evaluate(self, batch: EnvTasks) -> dict[str, torch.Tensor]:
         K, B = self.cfg.test_inner_steps, batch.num_tasks
