@@ -736,7 +736,9 @@ def format_result(name: str, m: dict[str, float], percent: bool) -> str:
 def print_results(results: dict) -> None:
     ep = results["episode"]
     shape = (f"regression {ep['shots']}-shot ({ep['queries']} query points)" if ep.get("task") == "regression"
-             else f"reinforcement, {ep['shots']} episodes per adaptation step ({ep['queries']} after)"
+             # what the episodes are is the algorithm's: MAML's per adaptation step and after it, RL^2's per trial
+             # and trials per task
+             else f"reinforcement, shots={ep['shots']} queries={ep['queries']} (episodes)"
              if ep.get("task") == "reinforcement"
              else f"{ep['ways']}-way {ep['shots']}-shot ({ep['queries']} queries per class)")
     print(f"test {shape}, checkpoint step {results['checkpoint_step']}:")

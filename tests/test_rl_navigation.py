@@ -366,7 +366,7 @@ def test_train_kill_resume_bit_for_bit_and_eval_through_the_cli(tmp_path):
         proc = uninterrupted.result()
     assert proc.returncode == 0, describe(proc)
     assert killed.returncode == -9 and not (run / "results.json").exists(), describe(killed)
-    assert "reinforcement, 4 episodes per adaptation step (4 after)" in proc.stdout
+    assert "reinforcement, shots=4 queries=4 (episodes)" in proc.stdout
     resumed = run_cli(["train", f"resume={run}"], tmp_path)
     assert resumed.returncode == 0, describe(resumed)
     a, b = (torch.load(r / "checkpoints" / "last.pt", weights_only=True) for r in (whole, run))

@@ -39,7 +39,7 @@ is a score-function estimate over shots * horizon log-probabilities times a nois
 spread of the meta-gradient about 8x on 2D navigation at initialisation (10 tasks x 10 episodes), and in
 120 meta-steps (20 tasks x 20 episodes, 64-64 policy, Adam 3e-3) the paper's estimator reached a
 post-update return of -17 (pre-update -38) where the exact one reached -34 (-45). ProMP's low-variance
-curvature estimator is the next slice's. ``first_order=true`` also drops the Hessian (theta' is then a
+curvature estimator (promp.py) is its practical form. ``first_order=true`` also drops the Hessian (theta' is then a
 constant shift of theta).
 
 Evaluation (validation, test, ``metalearn eval``) adapts each held-out task with ``test_inner_steps`` steps
