@@ -513,6 +513,10 @@ class Trainer:
             (lambda: check_algorithm(cfg, problem_info(cfg, self.stores["train"]), algorithm))
         self.algo = self.group.main_first(build)
         self.algo.check_training(cfg)
+        updates = self.algo.updates_per_batch
+        if isinstance(updates, bool) or not isinstance(updates, int) or updates < 1:
+            raise ConfigError(f"algo={cfg.algo.name}'s updates_per_batch must be a whole number >= 1 (got {updates!r}); "
+                              "it is the number of meta_step calls, each with an optimizer step, on every batch")
         if resume_from is None and cfg.init_from is not None:
             init_backbone(self.algo, cfg.init_from)
         self.algo = self.algo.to(self.device)

@@ -98,6 +98,10 @@ def test_a_user_built_algorithm_object_is_trained_and_recorded_truthfully(tmp_pa
     assert torch.equal(loaded.log_scale, ckpt["model"]["log_scale"])
     with pytest.raises(ConfigError, match="not a metalearn Algorithm"):
         metalearn.train(["algo=protonet", *TINY], run_dir=tmp_path / "bad", algorithm=nn.Linear(2, 2))
+    no_updates = ScaledProto((1, 28, 28))
+    no_updates.updates_per_batch = 0
+    with pytest.raises(ConfigError, match=r"^algo=ScaledProto's updates_per_batch must be a whole number >= 1 \(got 0\)"):
+        metalearn.train(["algo=protonet", *TINY], run_dir=tmp_path / "none", algorithm=no_updates)
 
 
 def test_api_mistakes_are_the_clis_one_line_messages(api_run, tmp_path):

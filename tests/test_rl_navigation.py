@@ -109,6 +109,11 @@ def test_an_episodes_noise_is_its_seeds_alone():
     one = episode_noise(seeds[1:, 2:], 2, 4, 2, torch.float32, torch.device("cpu"))
     assert torch.equal(both[:, 1, 2], one[:, 0, 0])
     assert not torch.equal(both[0], both[1])  # each inner step its own block
+    # Block j does not depend on how many blocks are drawn (1 or 3 adaptation steps at eval), at the default
+    # horizon too (100 x 2 numbers: a single draw of all blocks would redraw the end of the first block).
+    for horizon in (4, 100):
+        one, three = (episode_noise(seeds, k, horizon, 2, torch.float64, torch.device("cpu")) for k in (1, 3))
+        assert torch.equal(one[0], three[0])
 
 
 # ---------------------------------------------------------------- baseline and advantages

@@ -71,14 +71,18 @@ def episode_noise(seeds: torch.Tensor, blocks: int, horizon: int, size: int, dty
                   device: torch.device) -> torch.Tensor:
     """Standard normal noise of each episode from its seed: [B, E] seeds -> [blocks, B, E, horizon, size].
 
-    Drawn on the CPU (the same numbers on every device); block j is the episode's noise at inner step j.
+    Drawn on the CPU (the same numbers on every device); block j is the episode's noise at inner step j, a
+    function of (seed, j) only, whatever ``blocks`` is: one draw per block, because a single draw of all blocks
+    is not a prefix-stable stream (the CPU normal sampler redraws the last 16 numbers of a draw whose size is not
+    a multiple of 16), and evaluations with different numbers of adaptation steps must share their first steps.
     """
     flat = seeds.reshape(-1).tolist()
     g = torch.Generator()
     noise = torch.empty(len(flat), blocks, horizon, size, dtype=torch.float64)
     for i, seed in enumerate(flat):
         g.manual_seed(seed)
-        torch.randn(blocks, horizon, size, generator=g, dtype=torch.float64, out=noise[i])
+        for j in range(blocks):
+            torch.randn(horizon, size, generator=g, dtype=torch.float64, out=noise[i, j])
     noise = noise.view(*seeds.shape, blocks, horizon, size).permute(2, 0, 1, 3, 4)
     return noise.to(dtype=dtype).to(device)
 
