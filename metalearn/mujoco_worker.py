@@ -8,12 +8,14 @@ torch or the rest of metalearn.
 * ``EnvSpec``: which Gymnasium environment, with which keyword arguments, scored by which task objective;
 * ``task_reward``: a step's reward from the task parameter and Gymnasium's ``info``;
 * ``Chunk``: consecutive sub-environments of one process (the trainer's own with ``data.workers=0``);
-* ``serve``: a worker's loop over the trainer's commands.
+* ``serve``: a worker's loop over the trainer's commands; a failed command's reply is its exception's one line
+  (``summary``) and the traceback.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 import signal
 import sys
 import traceback
@@ -40,17 +42,27 @@ def task_reward(objective: str, param: np.ndarray, info: dict) -> float:
     return float(forward + info["reward_ctrl"] + info.get("reward_contact", 0.0) + info.get("reward_survive", 0.0))
 
 
+_shown: set[str] = set()  # the warnings this process has printed, their numbers left out (_warn)
+
+
 def _warn(text: str) -> None:
     # Gymnasium's half_cheetah.xml uses an attribute MuJoCo 3.3+ calls deprecated, and MuJoCo says so for every
     # environment made (800 lines for one MAML batch): nobody running metalearn can act on it.
-    if "settotalmass" not in text:
-        print(f"MuJoCo warning: {text}", file=sys.stderr, flush=True)
+    if "settotalmass" in text:
+        return
+    # MuJoCo warns once per simulator and episode ("... unstable. Time = 0.1500."): an unstable policy would print
+    # one line per sub-environment per batch. Once per process for each text, whatever its numbers.
+    key = re.sub(r"\d+(\.\d+)?", "#", text)
+    if key not in _shown:
+        _shown.add(key)
+        print(f"MuJoCo warning: {text} (shown once per process)", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
 def mujoco_warnings() -> Iterator[None]:
-    """MuJoCo's warnings (a compiler's, a simulation's first "unstable" one) on stderr, without the MUJOCO_LOG.TXT
-    its default handler writes into the working directory, and without the one above."""
+    """MuJoCo's warnings (a compiler's, a simulation's first "unstable" one) on stderr, each text once per process
+    (``_warn``), without the MUJOCO_LOG.TXT its default handler writes into the working directory, and without the
+    deprecation above."""
     import mujoco
 
     previous = mujoco.get_mju_user_warning()
@@ -105,6 +117,12 @@ class Chunk:
         self.envs = []
 
 
+def summary(e: BaseException) -> str:
+    """One line for an exception: its type and the first line of its message."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
 def serve(conn: Any, spec: EnvSpec) -> None:
     """A worker process: run the trainer's commands on its chunk until told to close, or until the trainer has
     gone (its pipe closed, or the trainer process ended: a process forked later may hold the pipe open)."""
@@ -126,8 +144,8 @@ def serve(conn: Any, spec: EnvSpec) -> None:
                 break
             try:
                 reply = ("ok", getattr(chunk, command)(*args))
-            except Exception:  # noqa: BLE001 - handed to the trainer, which raises it
-                reply = ("error", traceback.format_exc())
+            except Exception as e:  # noqa: BLE001 - handed to the trainer, which raises its first line
+                reply = ("error", (summary(e), traceback.format_exc()))
             try:
                 conn.send(reply)
             except OSError:

@@ -1,12 +1,13 @@
 """MuJoCo task distributions (data=halfcheetah_vel, halfcheetah_dir, ant_dir; data/mujoco.py): the task rewards
 against a hand computation from Gymnasium's own environment, the same episodes whatever the number of worker
-processes, the workers' lifecycle, the one-line error without the extra, and the CLI (train with workers, kill -9,
-resume bit for bit)."""
+processes, the workers' lifecycle and one-line errors, MuJoCo's warnings once, the one-line error without the extra,
+and the CLI (train with workers, kill -9, resume bit for bit)."""
 
 from __future__ import annotations
 
 import gc
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -25,6 +26,7 @@ pytest.importorskip("mujoco")
 import gymnasium  # noqa: E402
 
 import metalearn  # noqa: E402
+from metalearn import mujoco_worker  # noqa: E402
 from conftest import REPO, cli_env, describe, run_cli  # noqa: E402
 from metalearn.data import ant_dir, halfcheetah_dir, halfcheetah_vel  # noqa: E402
 from metalearn.errors import DataError  # noqa: E402
@@ -90,13 +92,19 @@ def test_observations_and_rewards_are_gymnasiums_with_the_tasks_reward(name):
     env.close()
 
 
-def test_each_dataset_chooses_the_mlp_and_bad_keys_are_one_line():
+def test_each_dataset_chooses_the_mlp_and_bad_keys_are_one_line(monkeypatch):
     for name in CASES:
         assert metalearn.compose([f"data={name}"]).backbone.name == "mlp"
     with pytest.raises(metalearn.ConfigError, match=r"data.workers >= 0"):
         halfcheetah_vel.load(halfcheetah_vel.Config(workers=-1))
     with pytest.raises(metalearn.ConfigError, match=r"data.velocity_low must be <= data.velocity_high"):
         halfcheetah_vel.load(halfcheetah_vel.Config(velocity_low=3.0))
+    # A platform without forkserver (Windows): refused when the data loads, not at the first reset.
+    monkeypatch.setattr(multiprocessing, "get_all_start_methods", lambda: ["spawn"])
+    with pytest.raises(metalearn.ConfigError) as e:
+        ant_dir.load(ant_dir.Config(workers=2))
+    assert str(e.value) == ("data.workers=2 needs multiprocessing's forkserver start method, which this platform "
+                            "lacks (Windows); set data.workers=0 to simulate in the trainer's process")
 
 
 def test_task_sets_as_navigation2d():
@@ -185,6 +193,40 @@ def test_workers_end_with_their_environment_and_a_dead_one_is_one_line():
         assert not proc.is_alive()
 
 
+def test_a_failing_worker_is_one_line_with_its_traceback_at_debug_level(caplog):
+    """An exception in a worker (here a task parameter missing: [1, 0] parameters): the trainer's error is one
+    line, the worker's exception first; the worker's traceback goes to the log at debug level only."""
+    env = halfcheetah_dir.load(halfcheetah_dir.Config(horizon=2, workers=1))["train"].env
+    state, _ = env.reset(torch.zeros(1, 0), torch.tensor([[7]]))
+    with caplog.at_level("DEBUG", logger="metalearn"), pytest.raises(RuntimeError) as e:
+        env.step(torch.zeros(1, 0), state, torch.zeros(1, 1, 6))
+    env.close()
+    assert str(e.value).splitlines() == [
+        "MuJoCo worker process 0 failed: IndexError: index 0 is out of bounds for axis 0 with size 0; its traceback "
+        "is logged at debug level (hydra.verbose=metalearn), or set data.workers=0 to raise it in the trainer"]
+    [record] = [r for r in caplog.records if r.name == "metalearn.data.mujoco"]
+    assert record.levelname == "DEBUG" and "Traceback" in record.getMessage() and "task_reward" in record.getMessage()
+
+
+def test_mujoco_warnings_are_shown_once_per_text(capsys, monkeypatch):
+    """MuJoCo warns once per simulator and episode ("... unstable. Time = 0.1500."): 2 simulators x 2 unstable
+    episodes print one line; a text differing only in its numbers is the same warning, another text is not."""
+    monkeypatch.setattr(mujoco_worker, "_shown", set())
+    chunk = mujoco_worker.Chunk(mujoco_worker.EnvSpec("HalfCheetah-v5", (), "velocity"))
+    for episode in range(2):
+        chunk.reset(np.ones((2, 1)), np.array([1, 2]))
+        for env in chunk.envs:
+            env.unwrapped.data.qvel[:] = 1e20
+        chunk.step(np.zeros((2, 6)))
+    chunk.close()
+    mujoco_worker._warn("Nan, Inf or huge value in QACC at DOF 3. The simulation is unstable. Time = 0.1500.")
+    mujoco_worker._warn("Nan, Inf or huge value in QACC at DOF 5. The simulation is unstable. Time = 2.2500.")
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(" at DOF")[0] for line in lines] == [
+        "MuJoCo warning: Nan, Inf or huge value in QVEL", "MuJoCo warning: Nan, Inf or huge value in QACC"], lines
+    assert lines[1].endswith("Time = 0.1500. (shown once per process)")
+
+
 def test_workers_do_not_run_the_trainers_script_again(tmp_path, monkeypatch):
     """A script without an ``if __name__ == "__main__":`` guard: multiprocessing would make each worker import it
     (run it) again; here they do not."""
@@ -199,18 +241,14 @@ def test_workers_do_not_run_the_trainers_script_again(tmp_path, monkeypatch):
     assert not (tmp_path / "ran").exists() and main.__file__ == str(script) and main.__spec__ is None
 
 
-def test_without_the_extra_train_ends_with_one_line(tmp_path):
-    """``metalearn train data=halfcheetah_vel`` where Gymnasium cannot be imported (a package on PYTHONPATH that
-    raises as a missing one does): one line naming the extra, exit 2, no traceback, no run directory."""
-    shadow = tmp_path / "shadow" / "gymnasium"
-    shadow.mkdir(parents=True)
-    (shadow / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'gymnasium'\", "
-                                        "name='gymnasium')\n")
-    proc = run_cli(["train", "algo=maml_rl", "data=halfcheetah_vel", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path,
-                   env=cli_env(PYTHONPATH=str(tmp_path / "shadow")))
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
-        "metalearn: error: data=halfcheetah_vel needs MuJoCo: pip install 'metalearn[mujoco]' "
-        "(No module named 'gymnasium')"], describe(proc)
+def test_without_the_extra_train_ends_with_one_line(tmp_path, monkeypatch):
+    """``metalearn.train(data=halfcheetah_vel)`` where Gymnasium cannot be imported: one line naming the extra, no
+    run directory (the CLI prints any MetalearnError as its one line, exit 2: tests/test_cli.py)."""
+    monkeypatch.setitem(sys.modules, "gymnasium", None)  # its import raises ModuleNotFoundError
+    with pytest.raises(DataError) as e:
+        metalearn.train(["algo=maml_rl", "data=halfcheetah_vel"], run_dir=tmp_path / "run")
+    assert str(e.value).startswith("data=halfcheetah_vel needs MuJoCo: pip install 'metalearn[mujoco]' (import of "
+                                   "gymnasium halted") and "\n" not in str(e.value)
     assert not (tmp_path / "run").exists()
 
 

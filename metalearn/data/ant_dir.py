@@ -9,7 +9,8 @@ A task is a direction along x, +1 or -1 with probability 1/2 each. The reward of
 torso's height is in [0.2, 1]). An episode ends when the Ant is unhealthy (torso height outside [0.2, 1], or a
 non-finite state), as in the paper's code and Gymnasium's Ant, or after ``horizon`` = 200 steps (the paper's).
 ProMP's and learn2learn's Ant direction tasks use Gymnasium's own weights instead: ``data.ctrl_cost_weight=0.5
-data.healthy_reward=1.0``.
+data.healthy_reward=1.0``. Trained with ``algo=maml_rl``, ``promp`` or ``rl2`` (the reinforcement task kind;
+``shots`` and ``queries``: conf/data/ant_dir.yaml).
 
 The simulator is Gymnasium's ``Ant-v5`` with those weights, its defaults otherwise: its observation (105 numbers:
 joint positions without x and y, velocities, and the external contact forces of the 13 bodies clipped to [-1, 1],
@@ -17,8 +18,11 @@ which the paper's observation held too, ``include_cfrc_ext_in_observation``), it
 episode), its healthy height range and its termination. The forward velocity is ``info["x_velocity"]``, the torso's
 x displacement over the step divided by dt = 0.05 s; Gymnasium's bonus is ``healthy_reward`` on healthy steps only
 (0 on the step that ends the episode), its contact cost sums over every body's clipped forces. Differences from
-the paper's code: its observation also held the torso's x and y, orientation matrix and centre of mass, its
-velocity was rllab's ``get_body_comvel("torso")`` (a centre-of-mass velocity), and it ran on mujoco-py.
+the paper's code: its observation also held the torso's x and y, orientation matrix and centre of mass; its
+velocity was rllab's ``get_body_comvel("torso")`` (a centre-of-mass velocity); its initial-state noise (rllab's
+``MujocoEnv.reset_mujoco``) was 0.01 * a standard normal on the joint positions and 0.1 * one on the velocities,
+where Gymnasium's (``reset_noise_scale=0.1``) is uniform(-0.1, 0.1) on the positions (about six times the spread)
+with the same velocity noise; and it ran on mujoco-py.
 
 ``num_tasks``, ``task_seed`` and ``workers``: data/mujoco.py.
 """

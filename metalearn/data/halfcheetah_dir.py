@@ -3,10 +3,13 @@
 A task is a direction, +1 (run forward) or -1 (backward) with probability 1/2 each; the reward of a step is
 ``direction * forward velocity - 0.05 * sum(a^2)``, as the paper's rllab ``HalfCheetahEnvRandDirec`` and
 pytorch-maml-rl's ``HalfCheetahDirEnv``. Episodes last ``horizon`` = 200 steps (the paper's) and never end early.
+Trained with ``algo=maml_rl``, ``promp`` or ``rl2`` (the reinforcement task kind; ``shots`` and ``queries``:
+conf/data/halfcheetah_dir.yaml).
 
-The simulator is Gymnasium's ``HalfCheetah-v5``, as in data/halfcheetah_vel.py (the same observation, velocity and
-differences from the paper's code). ``num_tasks``, ``task_seed`` and ``workers``: data/mujoco.py (with
-``num_tasks: N`` a split's N directions are drawn once, so a small set may hold one direction only).
+The simulator is Gymnasium's ``HalfCheetah-v5``, as in data/halfcheetah_vel.py (the same observation, velocity,
+initial-state noise and differences from the paper's code). ``num_tasks``, ``task_seed`` and ``workers``:
+data/mujoco.py (with ``num_tasks: N`` a split's N directions are drawn once, so a small set may hold one direction
+only).
 """
 
 from __future__ import annotations

@@ -3,14 +3,17 @@
 A task is a goal velocity drawn uniformly from [0, 2] (``velocity_low``, ``velocity_high``); the reward of a
 step is ``-|forward velocity - goal| - 0.05 * sum(a^2)``, as the paper's rllab ``HalfCheetahEnvRand`` and its
 ports (pytorch-maml-rl's and garage's ``HalfCheetahVelEnv``: ``-1.0 * abs(v - goal) - 0.5 * 1e-1 * sum(a^2)``).
-Episodes last ``horizon`` = 200 steps (the paper's) and never end early.
+Episodes last ``horizon`` = 200 steps (the paper's) and never end early. Trained with ``algo=maml_rl``,
+``promp`` or ``rl2`` (the reinforcement task kind; ``shots`` and ``queries``: conf/data/halfcheetah_vel.yaml).
 
 The simulator is Gymnasium's ``HalfCheetah-v5`` (its observation: 17 numbers, the joint positions without the
 x position and the velocities; its initial-state noise, seeded per episode), made with
 ``ctrl_cost_weight=0.05``; the forward velocity is its ``info["x_velocity"]`` (the root's x displacement over the
 step, divided by dt = 0.05 s). Differences from the paper's code: its observation also held the torso's centre of
-mass (20 numbers), its velocity was rllab's ``get_body_comvel("torso")`` (a centre-of-mass velocity), and it ran
-on mujoco-py.
+mass (20 numbers); its velocity was rllab's ``get_body_comvel("torso")`` (a centre-of-mass velocity); its
+initial-state noise (rllab's ``MujocoEnv.reset_mujoco``) was 0.01 * a standard normal on the joint positions and
+0.1 * one on the velocities, where Gymnasium's (``reset_noise_scale=0.1``) is uniform(-0.1, 0.1) on the positions
+(about six times the spread) with the same velocity noise; and it ran on mujoco-py.
 
 ``num_tasks``, ``task_seed`` and ``workers`` are those of every MuJoCo dataset (data/mujoco.py): 0 = a fresh
 goal per task, N = a fixed set of N per split; 0 = simulate in this process, W = in W worker processes.

@@ -37,7 +37,8 @@ dominates both (scripts/bench_sampling.py times them side by side; README).
 Worker processes are started by ``forkserver``: forked from a clean single-threaded server process that has
 imported metalearn/mujoco_worker.py (the workers' code, without torch) and Gymnasium's MuJoCo environments, so
 nothing of the trainer's threads (torch's, TensorBoard's), CUDA state or open files is inherited, which ``fork``
-from the trainer would risk; the server starts once per trainer process (a second or two). Unlike
+from the trainer would risk; the server starts once per trainer process (a second or two). Windows has no
+``forkserver``: there ``data.workers`` > 0 is refused when the data loads (``check_common``). Unlike
 multiprocessing's usual way with ``forkserver`` and ``spawn``, a worker does not import the trainer's main script
 again (``_main_module_hidden``): a script of yours needs no ``if __name__ == "__main__":`` guard. Workers are
 daemonic, ignore SIGINT and SIGTERM (these reach the whole process group, and the trainer decides: a first Ctrl-C
@@ -49,6 +50,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
 import multiprocessing
 import sys
 import weakref
@@ -64,6 +66,7 @@ from metalearn.mujoco_worker import Chunk, EnvSpec, make, serve
 SPLIT_OFFSETS = {"train": 0, "val": 1, "test": 2}  # task_seed * 3 + offset: each split's fixed set (navigation2d's)
 OBJECTIVES = ("velocity", "direction")
 INSTALL = "pip install 'metalearn[mujoco]'"
+log = logging.getLogger(__name__)
 
 
 def require(data_name: str) -> None:
@@ -80,9 +83,12 @@ def require(data_name: str) -> None:
 
 
 def _context() -> Any:
-    ctx = multiprocessing.get_context("forkserver")
+    ctx = multiprocessing.get_context("forkserver")  # check_common refused data.workers > 0 where there is none
     # The server imports these once (numpy, Gymnasium, MuJoCo; not torch: a second or two) and forks each worker
     # from it. "__main__", Python's default, is left out: the workers need nothing of it (_main_module_hidden).
+    # The preload list is process-wide and read only when the server starts: if another library (or Python 3.14+,
+    # whose default start method is forkserver) has started the server already, this changes nothing and each
+    # worker imports Gymnasium itself after the fork: slower starts, the same episodes.
     ctx.set_forkserver_preload(["metalearn.mujoco_worker", "gymnasium.envs.mujoco.half_cheetah_v5",
                                 "gymnasium.envs.mujoco.ant_v5"])
     return ctx
@@ -93,7 +99,11 @@ def _main_module_hidden() -> Iterator[None]:
     """While workers start: the trainer's ``__main__`` without ``__file__`` and ``__spec__``, so that multiprocessing
     does not make each worker import it again, as it does for every start method but ``fork``. A worker needs
     nothing from it (its code is metalearn.mujoco_worker), and importing it would run a script without an
-    ``if __name__ == "__main__":`` guard again, training included, in every worker."""
+    ``if __name__ == "__main__":`` guard again, training included, in every worker.
+
+    Not thread-safe: it changes the process-wide ``__main__`` while it runs, so another thread starting processes
+    (or reading ``__main__.__file__``) at that moment would see it hidden. The CLI starts the workers from its one
+    training thread, with nothing else running then."""
     main = sys.modules.get("__main__")
     if main is None:
         yield
@@ -152,8 +162,12 @@ class WorkerPool:
                 status, value = self.conns[w].recv()
             except (EOFError, OSError):
                 self._lost(w)
-            if status == "error":
-                raise RuntimeError(f"MuJoCo worker process {w} failed:\n{value}")
+            if status == "error":  # (the exception's one line, the worker's traceback)
+                summary, details = value
+                log.debug("MuJoCo worker process %d failed:\n%s", w, details)
+                raise RuntimeError(f"MuJoCo worker process {w} failed: {summary}; its traceback is logged at debug "
+                                   f"level (hydra.verbose=metalearn), or set data.workers=0 to raise it in the "
+                                   f"trainer")
             replies.append(value)
         self.busy = False
         return replies
@@ -252,6 +266,9 @@ def check_common(cfg: Any) -> None:
     if cfg.horizon < 1 or cfg.num_tasks < 0 or cfg.workers < 0:
         raise ConfigError(f"data.horizon must be >= 1, data.num_tasks >= 0 and data.workers >= 0 (got {cfg.horizon}, "
                           f"{cfg.num_tasks}, {cfg.workers})")
+    if cfg.workers > 0 and "forkserver" not in multiprocessing.get_all_start_methods():
+        raise ConfigError(f"data.workers={cfg.workers} needs multiprocessing's forkserver start method, which this "
+                          f"platform lacks (Windows); set data.workers=0 to simulate in the trainer's process")
 
 
 def task_sources(env: MujocoTasks, draw: Callable[[int, torch.Generator, torch.device], torch.Tensor],

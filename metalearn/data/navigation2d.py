@@ -9,8 +9,10 @@ pytorch-maml-rl's ``Navigation2DEnv``), whose reward is the distance (the paper'
 and whose termination is that box test.
 
 Written as batched torch: every task's episodes step at once ([tasks, episodes, 2] positions), with no
-simulator and no Python loop over episodes. ``shots`` is the number of episodes per adaptation step (the
-paper's 20), ``queries`` the episodes run after adaptation; ``ways`` means nothing here and is ignored.
+simulator and no Python loop over episodes. The algorithms of the reinforcement task kind train on it:
+``algo=maml_rl`` and ``promp``, where ``shots`` is the number of episodes per adaptation step (the paper's 20)
+and ``queries`` the episodes run after adaptation, and ``rl2``, where ``shots`` is the number of episodes per
+trial and ``queries`` the trials per task; ``ways`` means nothing here and is ignored.
 
 Task sets: by default (``num_tasks: 0``) every task is a fresh goal drawn from the sampler's generator,
 as in the paper: train, val and test are the same distribution with different, fixed seeds (the run's
