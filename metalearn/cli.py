@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -641,8 +642,12 @@ def _run_app(command: str, rest: list[str]) -> int:
             fail(ConfigError(sweeps.NO_TRIAL_FINISHED))  # none failed: each one stopped at trainer.stop_at
         if isinstance(error, HydraException):  # e.g. a later job's combination of overrides does not compose
             line = str(error).splitlines()[0].rstrip(".")
-            hint = ("; a key that only some of the swept options have (algo.inner_lr) cannot be swept across the "
-                    "others: sweep it per option") if line.startswith("Could not override") else ""
+            key = re.match(r"Could not override '([^']+)'", line)
+            # Hydra composes a sweep's first config without the swept choices: a key of the experiments' data
+            # (data.horizon of navigation2d) is then missing from the default data; ``++`` adds it there.
+            hint = (f"; a key that only some of the swept options have (algo.inner_lr) cannot be swept across the "
+                    f"others: sweep it per option; one that every swept option has but the defaults lack: "
+                    f"++{key.group(1)}=<value>") if key else ""
             fail(ConfigError(f"a job of this sweep: {line}{hint}"))
         raise
     return sweeps.report()  # a sweep with failed jobs ends non-zero, naming them

@@ -134,7 +134,8 @@ def test_a_sweep_job_whose_overrides_do_not_compose_is_one_line(cli, tmp_path):
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
         "metalearn: error: a job of this sweep: Could not override 'algo.inner_lr'; a key that only some of the swept "
-        "options have (algo.inner_lr) cannot be swept across the others: sweep it per option")
+        "options have (algo.inner_lr) cannot be swept across the others: sweep it per option; one that every swept "
+        "option has but the defaults lack: ++algo.inner_lr=<value>")
 
 
 def test_a_sweep_is_reported_once_per_process(tmp_path, capsys):
