@@ -411,6 +411,12 @@ def current() -> Group:
     return _current
 
 
+def world_size() -> int:
+    """How many processes share this run's meta-batch (torchrun's ``--nproc_per_node`` x nodes; 1 for a single
+    process): what an algorithm that needs the whole meta-batch in one process reads in ``check_training``."""
+    return _current.world_size
+
+
 # ---------------------------------------------------------------- the command under torchrun
 
 

@@ -12,6 +12,7 @@ import threading
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -193,6 +194,46 @@ def with_overrides(args: list[str], *overrides: str) -> list[str]:
     """``args`` with each ``key=value`` of ``overrides`` replacing the same key (or added)."""
     keys = {o.split("=", 1)[0] for o in overrides}
     return [a for a in args if a.split("=", 1)[0] not in keys] + list(overrides)
+
+
+class KillResume(NamedTuple):
+    """What ``kill_and_resume`` leaves: the two runs' ``checkpoints/last.pt`` and ``results.json``."""
+
+    a: dict  # the uninterrupted run's last checkpoint (tmp_path / "whole")
+    b: dict  # the killed and resumed run's (tmp_path / "run")
+    results: list[dict]  # results.json of each, in that order
+    procs: tuple[subprocess.CompletedProcess, subprocess.CompletedProcess]  # the uninterrupted run, the resume
+
+
+def kill_and_resume(args: list[str], tmp_path: Path, at: str = "step:5", whole_args: tuple[str, ...] = (),
+                    killed_args: tuple[str, ...] = ()) -> KillResume:
+    """``metalearn train *args`` twice at once: uninterrupted in ``tmp_path / "whole"`` and, in ``tmp_path / "run"``,
+    killed (SIGKILL, ``METALEARN_FAULT=kill_at=<at>``) and then resumed; ``whole_args`` / ``killed_args``: more
+    arguments of one run only. Asserts what every such test asserts: the exits, and that both runs end bit for
+    bit alike (the step, the model's state, the optimizer's state, the test results)."""
+    import json
+
+    import torch
+
+    whole, run = tmp_path / "whole", tmp_path / "run"
+    with ThreadPoolExecutor(2) as pool:
+        uninterrupted = pool.submit(run_cli, ["train", *args, *whole_args, f"hydra.run.dir={whole}"], tmp_path)
+        killed = run_cli(["train", *args, *killed_args, f"hydra.run.dir={run}"], tmp_path,
+                         env=cli_env(METALEARN_FAULT=f"kill_at={at}"))
+        proc = uninterrupted.result()
+    assert proc.returncode == 0, describe(proc)
+    assert killed.returncode == -9 and not (run / "results.json").exists(), describe(killed)
+    resumed = run_cli(["train", f"resume={run}"], tmp_path)
+    assert resumed.returncode == 0, describe(resumed)
+    a, b = (torch.load(r / "checkpoints" / "last.pt", weights_only=True) for r in (whole, run))
+    assert a["step"] == b["step"] and a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), "model state differs"
+    states = list(zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()))
+    assert len(states) == len(a["optimizer"]["state"]) == len(b["optimizer"]["state"])
+    assert all(torch.equal(x[n], y[n]) for x, y in states for n in x), "optimizer state differs"
+    results = [json.loads((r / "results.json").read_text()) for r in (whole, run)]
+    assert results[0]["test"] == results[1]["test"]
+    return KillResume(a, b, results, (proc, resumed))
 
 
 class CLI:

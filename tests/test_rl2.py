@@ -1,21 +1,22 @@
 """RL^2 (algo=rl2, backbone=gru): the recurrent policy's sequence pass against its step-by-step rollout, the hidden
 state across the episodes of a trial and between trials, PPO epochs on cached trials, the config checks, learning
-through the CLI, and kill -9 + resume bit for bit."""
+and ``metalearn eval`` through the CLI, and (slow tier) kill -9 + resume bit for bit."""
 
 from __future__ import annotations
 
 import json
 import math
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
 import metalearn
-from conftest import cli_env, describe, run_cli
+from conftest import describe, kill_and_resume, run_cli
+from metalearn import distributed
 from metalearn.algorithms import rl2
 from metalearn.algorithms.base import ProblemInfo
 from metalearn.algorithms.policy_gradient import LOG_2PI
+from metalearn.config import to_run_config
 from metalearn.data import navigation2d
 from metalearn.data.environments import EnvTasks, episode_noise
 from metalearn.errors import ConfigError
@@ -114,12 +115,16 @@ class CountingSteps:
 
 def test_ppo_epochs_update_on_the_cached_trials():
     """ppo_epochs calls of meta_step on one batch object: the first runs the trials (2 episodes x 5 steps), the
-    others reuse them under the updated weights; the first update is the plain policy gradient (ratio 1)."""
+    others reuse them under the updated weights; the first update is the plain policy gradient (ratio 1). After
+    ppo_epochs calls the same batch object runs new trials (base.EpochCache), as does a new batch object."""
     algo = policy(ppo_epochs=3, dtype=torch.float32)
     assert algo.updates_per_batch == 3
     batch = tasks(shots=2, queries=2, batch=3, horizon=5)
     env = CountingSteps(batch.env)
     batch = EnvTasks(batch.support_x, batch.support_y, batch.query_x, batch.query_y, batch.classes, env=env)
+    fresh = policy(ppo_epochs=3, dtype=torch.float32)  # the weights algo starts from: its first trials, by hand
+    trials = fresh._trials(batch)
+    env.steps = 0
     optimizer = torch.optim.Adam(algo.parameters(), 0.05)
     grads, metrics = [], []
     for _ in range(3):
@@ -130,35 +135,73 @@ def test_ppo_epochs_update_on_the_cached_trials():
     assert env.steps == 2 * 5  # one rollout
     assert metrics[0] is metrics[1] is metrics[2] and set(metrics[0]) == {"return_step0", "return_step1", "return",
                                                                          "loss"}
+    assert torch.equal(metrics[0]["return"], fresh._metrics(trials)["return"])  # the trials of the first call
     assert not torch.allclose(grads[0], grads[1])  # the same trials, other weights
-    trials, adv, logp_old, _ = algo._cache
-    assert not torch.equal(logp_old, algo.log_prob(trials.steps).detach())  # the weights moved
     # Update 1's gradient: minus the mean over each task's steps of A grad log pi, averaged over tasks.
-    optimizer.zero_grad()
-    fresh = policy(ppo_epochs=3, dtype=torch.float32)
     logp = fresh.log_prob(trials.steps)
-    mask = trials.steps.mask
+    adv, mask = fresh._advantages(trials.steps), trials.steps.mask
     (-((logp * adv * mask).sum((1, 2)) / mask.sum((1, 2))).mean()).backward()
     torch.testing.assert_close(torch.cat([p.grad.flatten() for p in fresh.parameters()]), grads[0])
+    # The batch's ppo_epochs calls made: the same batch object again runs new trials, with the updated weights.
+    again = algo.meta_step(batch)
+    assert env.steps == 2 * 2 * 5 and again is not metrics[0]
+    assert not torch.equal(again["return"], metrics[0]["return"])
     # A new batch object (the same tasks): new trials.
     algo.meta_step(EnvTasks(batch.support_x, batch.support_y, batch.query_x, batch.query_y, batch.classes, env=env))
-    assert env.steps == 2 * 2 * 5
+    assert env.steps == 3 * 2 * 5
 
 
-def test_config_checks_are_one_line(tmp_path):
+def test_config_checks_are_one_line(monkeypatch):
+    """In process (test_rl_trpo.py has the one CLI process of these refusals)."""
     assert metalearn.compose(["algo=rl2", "data=navigation2d"]).backbone.name == "gru"  # the algorithm's choice wins
     assert metalearn.compose(["algo=maml_rl", "data=navigation2d"]).backbone.name == "mlp"
     with pytest.raises(ConfigError, match=r"^algo=rl2 needs a recurrent policy: backbone=gru \(not MLP\)$"):
         rl2.build(rl2.Config(), mlp.build(mlp.Config(), (2,)), NAV)
     for cfg, message in [({"ppo_epochs": 0}, "algo.ppo_epochs must be >= 1"), ({"baseline": "value"}, "algo.baseline"),
-                         ({"gae_lambda": 2.0}, "algo.gae_lambda must be in")]:
+                         ({"gae_lambda": 2.0}, "algo.gae_lambda must be in"),
+                         ({"clip": 2.0}, r"algo.clip in \(0, 1\)")]:
         with pytest.raises(ConfigError, match=message):
             policy(**cfg)
     with pytest.raises(ConfigError, match="backbone=gru reads sequences"):
         gru.build(gru.Config(), (2,))(torch.zeros(5, 2))  # never a batch of examples read as one sequence
-    proc = run_cli(["train", "algo=rl2", "data=navigation2d", "backbone=mlp", "steps=1"], tmp_path)
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
-        "metalearn: error: algo=rl2 needs a recurrent policy: backbone=gru (not MLP)"], describe(proc)
+    # Several processes (torchrun) each see a share of the batch: refused where the baseline or the normalisation
+    # couples the tasks (when training; building, as metalearn eval does, is never refused).
+    cfg = to_run_config({"algo": {"name": "rl2"}, "data": {"name": "navigation2d"}, "backbone": {"name": "gru"}})
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    for keys, line in [({}, "fits its baseline over the whole batch of trials, which one process of a torchrun job "
+                            "does not see; run it without torchrun, or set algo.baseline=none"),
+                       ({"baseline": "none", "normalize_advantages": True},
+                        "normalises its advantages over the whole batch of trials, which one process of a torchrun job "
+                        "does not see; run it without torchrun, or set algo.normalize_advantages=false"),
+                       ({"baseline": "loo", "normalize_advantages": True},
+                        "fits its baseline and normalises its advantages over the whole batch of trials, which one "
+                        "process of a torchrun job does not see; run it without torchrun, or set algo.baseline=none "
+                        "algo.normalize_advantages=false")]:
+        with pytest.raises(ConfigError) as e:
+            policy(**keys).check_training(cfg)
+        assert str(e.value) == f"algo=rl2 {line}"
+    policy(baseline="none", normalize_advantages=False).check_training(cfg)
+    monkeypatch.setattr(distributed, "world_size", lambda: 1)
+    policy().check_training(cfg)
+
+
+def test_the_gradient_is_the_batchs_mean_of_its_halves_without_baseline_or_normalisation():
+    """What check_training's torchrun rule rests on: with baseline=none and normalize_advantages=false the
+    gradient of a batch is the mean of its halves' (each half what one of two processes sees); with the linear
+    baseline (fitted over all the batch's trials) it is not."""
+    def gradient(algo, batch) -> torch.Tensor:
+        algo.zero_grad()
+        algo.meta_step(batch)
+        return torch.cat([p.grad.flatten() for p in algo.parameters()])
+
+    batch = tasks(shots=2, queries=2, batch=4, horizon=5)
+    batch = EnvTasks(batch.support_x.double(), batch.support_y, batch.query_x.double(), batch.query_y, batch.classes,
+                     env=batch.env)
+    for cfg, same in [({"baseline": "none", "normalize_advantages": False}, True), ({}, False)]:
+        algo = policy(ppo_epochs=1, **cfg)
+        whole, halves = gradient(algo, batch), (gradient(algo, batch[:2]) + gradient(algo, batch[2:])) / 2
+        error = float((whole - halves).norm() / whole.norm())
+        assert (error < 1e-12) if same else (error > 0.05), (cfg, error)
 
 
 # ---------------------------------------------------------------- through the CLI
@@ -169,16 +212,26 @@ LEARN = ["algo=rl2", "data=navigation2d", "data.horizon=20", "backbone.hidden=32
          "trainer.ckpt_every=40", "trainer.progress=false"]
 
 
-def test_a_short_run_learns_to_use_the_first_episode(tmp_path):
+def test_a_short_run_learns_to_use_the_first_episode_and_evaluates_through_the_cli(tmp_path):
     """40 PPO batches (10 tasks x 4 trials of 2 episodes, 20 steps each, a 32-unit GRU, 10 epochs; about 12 s on an
     idle core). On 40 held-out goals the second episode of a trial is clearly better than the first, and both
     far better than the random initial policy (about -11 to -14). Measured with seed=0 / 1 / 2: episode 0 -5.6 /
-    -6.1 / -6.3, episode 1 -4.1 / -4.3 / -4.8 (+- 0.4 to 0.5 each)."""
-    proc = run_cli(["train", *LEARN, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    -6.1 / -6.3, episode 1 -4.1 / -4.3 / -4.8 (+- 0.4 to 0.5 each). ``metalearn eval`` of the run reports the
+    return of each episode of a trial, also of longer trials than in training."""
+    run = tmp_path / "run"
+    proc = run_cli(["train", *LEARN, f"hydra.run.dir={run}"], tmp_path)
     assert proc.returncode == 0, describe(proc)
-    test = json.loads((tmp_path / "run" / "results.json").read_text())["test"]
+    results = json.loads((run / "results.json").read_text())
+    test = results["test"]
+    assert list(test) == ["return_step0", "return_step1", "return"] and test["return"]["episodes"] == 40
+    assert results["best_val"]["metric"] == "return" and all(math.isfinite(m["mean"]) for m in test.values())
     first, last = test["return_step0"]["mean"], test["return"]["mean"]
     assert last - first > 0.5 and last > -6.0, test
+    proc = run_cli(["eval", f"run={run}", "episodes=5"], tmp_path)
+    assert proc.returncode == 0, describe(proc)
+    assert "return_step1:" in proc.stdout and "(95% CI, 5 episodes)" in proc.stdout
+    longer = run_cli(["eval", f"run={run}", "episodes=5", "shots=3"], tmp_path)
+    assert longer.returncode == 0 and "return_step2:" in longer.stdout, describe(longer)
 
 
 TINY = ["algo=rl2", "data=navigation2d", "data.horizon=10", "backbone.hidden=8", "shots=2", "queries=2",
@@ -186,34 +239,12 @@ TINY = ["algo=rl2", "data=navigation2d", "data.horizon=10", "backbone.hidden=8",
         "trainer.val_episodes=3", "trainer.test_episodes=4", "trainer.ckpt_every=2", "trainer.progress=false"]
 
 
-def test_train_kill_resume_bit_for_bit_and_eval_through_the_cli(tmp_path):
+@pytest.mark.slow  # the same engine path (updates_per_batch > 1, killed at update 0) as the default tier's
+# test_rl_promp.py::test_train_kill_resume_bit_for_bit_through_the_cli
+def test_train_kill_resume_bit_for_bit_through_the_cli(tmp_path):
     """Killed (SIGKILL) inside meta-step 5 (its first PPO epoch's gradient computed, not yet applied) and resumed:
-    bit for bit the uninterrupted run's weights, optimizer state and test results; ``metalearn eval`` reports the
-    return of each episode of a trial, also of longer trials than in training."""
-    whole, run = tmp_path / "whole", tmp_path / "run"
-    with ThreadPoolExecutor(2) as pool:
-        uninterrupted = pool.submit(run_cli, ["train", *TINY, f"hydra.run.dir={whole}"], tmp_path)
-        killed = run_cli(["train", *TINY, f"hydra.run.dir={run}"], tmp_path,
-                         env=cli_env(METALEARN_FAULT="kill_at=step:5"))
-        proc = uninterrupted.result()
-    assert proc.returncode == 0, describe(proc)
-    assert killed.returncode == -9 and not (run / "results.json").exists(), describe(killed)
-    resumed = run_cli(["train", f"resume={run}"], tmp_path)
-    assert resumed.returncode == 0, describe(resumed)
-    a, b = (torch.load(r / "checkpoints" / "last.pt", weights_only=True) for r in (whole, run))
-    assert a["step"] == b["step"] == 6 and a["best"] == b["best"] and a["model"].keys() == b["model"].keys()
+    bit for bit the uninterrupted run's weights (the GRU's too), optimizer state and test results."""
+    a, b, results, _ = kill_and_resume(TINY, tmp_path)
+    assert a["step"] == b["step"] == 6 and a["best"] == b["best"]
     assert any(k.startswith("backbone.gru.") for k in a["model"])
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), "meta-parameters differ"
-    states = zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values())
-    assert all(torch.equal(x[n], y[n]) for x, y in states for n in x)
-    results = [json.loads((r / "results.json").read_text()) for r in (whole, run)]
-    assert results[0]["test"] == results[1]["test"]
     assert list(results[0]["test"]) == ["return_step0", "return_step1", "return"]
-    assert results[0]["best_val"]["metric"] == "return" and results[0]["test"]["return"]["episodes"] == 4
-    assert all(math.isfinite(m["mean"]) for m in results[0]["test"].values())
-    proc = run_cli(["eval", f"run={run}", "episodes=5"], tmp_path)
-    assert proc.returncode == 0, describe(proc)
-    assert "return_step1:" in proc.stdout and "(95% CI, 5 episodes)" in proc.stdout
-    # Longer trials at test time than in training: the return of each of their episodes.
-    longer = run_cli(["eval", f"run={run}", "episodes=5", "shots=3"], tmp_path)
-    assert longer.returncode == 0 and "return_step2:" in longer.stdout, describe(longer)

@@ -1,17 +1,16 @@
 """ProMP (algo=promp): the LVC inner step (maml_rl's VPG gradient, another Hessian), several updates on one batch's
-cached episodes, the adaptive KL coefficients in the model's state, learning on 2D navigation through the CLI, and
-kill -9 + resume bit for bit."""
+cached episodes, the adaptive KL coefficients in the model's state, the config checks, learning on 2D navigation
+through the CLI, and kill -9 + resume bit for bit (with the logged inner KL)."""
 
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
-from conftest import cli_env, describe, run_cli
-from metalearn import engine
+from conftest import describe, kill_and_resume, run_cli
+from metalearn import distributed, engine, report
 from metalearn.algorithms import maml_rl, promp
 from metalearn.algorithms.base import ProblemInfo
 from metalearn.algorithms.policy_gradient import advantages, log_prob, mean_kl, rollout
@@ -94,7 +93,7 @@ def test_the_lvc_step_has_maml_rls_gradient_and_the_low_variance_curvature():
 
 
 def test_the_updates_of_a_batch_reuse_its_episodes_and_the_first_ratio_is_one():
-    algo = build(promp, inner_steps=2, num_ppo_steps=3)
+    algo = build(promp, inner_steps=2, ppo_epochs=3)
     assert algo.updates_per_batch == 3
     optimizer = torch.optim.Adam(algo.parameters(), lr=0.01)
     batch = tasks()
@@ -136,9 +135,9 @@ def test_the_updates_of_a_batch_reuse_its_episodes_and_the_first_ratio_is_one():
     assert batch.env.steps == 6 * H
 
 
-def test_the_kl_coefficients_adapt_and_are_part_of_the_models_state():
+def test_the_kl_coefficients_adapt_and_are_part_of_the_models_state(monkeypatch):
     def train_one_batch(lr: float, **cfg) -> promp.ProMP:
-        algo = build(promp, inner_steps=2, num_ppo_steps=2, **cfg)
+        algo = build(promp, inner_steps=2, ppo_epochs=2, **cfg)
         optimizer = torch.optim.SGD(algo.parameters(), lr=lr)
         batch = tasks()
         for _ in range(2):
@@ -160,12 +159,23 @@ def test_the_kl_coefficients_adapt_and_are_part_of_the_models_state():
     fresh = build(promp, inner_steps=2)
     fresh.load_state_dict(state)
     assert torch.equal(fresh.inner_kl_coeff, adapted.inner_kl_coeff)
-    with pytest.raises(ConfigError, match="needs algo.num_ppo_steps >= 2"):
-        build(promp, adaptive_inner_kl_penalty=True, num_ppo_steps=1)
+    with pytest.raises(ConfigError, match="needs algo.ppo_epochs >= 2"):
+        build(promp, adaptive_inner_kl_penalty=True, ppo_epochs=1)
+    with pytest.raises(ConfigError, match=r"^algo.ppo_epochs must be >= 1 and algo.clip in \(0, 1\) \(got 5, 1.5\)$"):
+        build(promp, clip=1.5)  # the range maml_rl and rl2 check too (policy_gradient.check_pg_config)
+    with pytest.raises(ConfigError, match=r"^algo.baseline='value' is not one of: linear, loo, none$"):
+        build(promp, baseline="value")
     other = torch.nn.Identity()
     other.out_features = 2
     with pytest.raises(ConfigError, match="algo=promp's policy network is backbone=mlp"):
         promp.build(promp.Config(), other, NAV)
+    # Several processes (torchrun): the adaptive rule is refused when training, never when building (metalearn eval).
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    adaptive = build(promp, adaptive_inner_kl_penalty=True)
+    cfg = to_run_config({"algo": {"name": "promp"}, "data": {"name": "navigation2d"}, "backbone": {"name": "mlp"}})
+    with pytest.raises(ConfigError, match=r"^algo.adaptive_inner_kl_penalty=true needs the whole meta-batch in one "):
+        adaptive.check_training(cfg)
+    fixed.check_training(cfg)  # fixed coefficients: per task, the ranks' mean is the batch's
 
 
 # ---------------------------------------------------------------- through the CLI
@@ -199,29 +209,20 @@ def test_promp_learns_to_adapt_to_2d_navigation_through_the_cli(tmp_path):
 TINY_PROMP = ["algo=promp", "data=navigation2d", "data.horizon=20", "backbone.hidden=[16,16]", "shots=4", "queries=4",
               "meta_batch_size=4", "steps=6", "trainer.log_every=2", "trainer.val_every=2", "trainer.val_episodes=4",
               "trainer.test_episodes=8", "trainer.ckpt_every=2", "trainer.progress=false",
-              "algo.adaptive_inner_kl_penalty=true", "algo.num_ppo_steps=3", "optim.lr=0.01"]
+              "algo.adaptive_inner_kl_penalty=true", "algo.ppo_epochs=3", "optim.lr=0.01"]
 
 
 def test_train_kill_resume_bit_for_bit_through_the_cli(tmp_path):
     """``metalearn train algo=promp`` killed (SIGKILL) inside meta-step 5 (after the batch's first update's
     backward) and resumed from step 4 ends bit for bit where an uninterrupted run ends: weights, Adam's state,
-    and the adapted KL coefficients, which the checkpoint holds."""
-    whole, run = tmp_path / "whole", tmp_path / "run"
-    with ThreadPoolExecutor(2) as pool:
-        uninterrupted = pool.submit(run_cli, ["train", *TINY_PROMP, f"hydra.run.dir={whole}"], tmp_path)
-        killed = run_cli(["train", *TINY_PROMP, f"hydra.run.dir={run}"], tmp_path,
-                         env=cli_env(METALEARN_FAULT="kill_at=step:5"))
-        proc = uninterrupted.result()
-    assert proc.returncode == 0, describe(proc)
-    assert killed.returncode == -9 and not (run / "results.json").exists(), describe(killed)
-    resumed = run_cli(["train", f"resume={run}"], tmp_path)
-    assert resumed.returncode == 0, describe(resumed)
-    a, b = (torch.load(r / "checkpoints" / "last.pt", weights_only=True) for r in (whole, run))
-    assert a["step"] == b["step"] == 6 and a["model"].keys() == b["model"].keys()
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), "model state differs"
+    and the adapted KL coefficients, which the checkpoint holds. The default tier's one kill/resume of an
+    algorithm with several updates a batch (maml_rl's outer=ppo and RL^2's are in the slow tier). The trainer
+    logs the inner KL the batch's last update wrote into its first update's metrics: not 0, which the first
+    update's own KL always is."""
+    a, b, results, _ = kill_and_resume(TINY_PROMP, tmp_path)
+    assert a["step"] == b["step"] == 6
     assert not torch.equal(a["model"]["inner_kl_coeff"], torch.tensor([5e-4]))  # it did adapt
-    assert all(torch.equal(x[n], y[n]) for x, y in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values())
-               for n in x)
-    results = [json.loads((r / "results.json").read_text()) for r in (whole, run)]
-    assert results[0]["test"] == results[1]["test"]
     assert list(results[0]["test"]) == ["return_step0", "return_step1", "return"]
+    logged = [report.read_scalars(tmp_path / run)["train/inner_kl"] for run in ("whole", "run")]
+    assert [step for step, _ in logged[0]] == [2, 4, 6] and all(kl > 0 for _, kl in logged[0]), logged
+    assert logged[0] == logged[1]

@@ -1,22 +1,21 @@
 """MAML for RL's outer steps (algo.outer): the paper's TRPO (metalearn/algorithms/trpo.py: conjugate gradient,
 Hessian-vector products of the KL through the inner update, the trust-region scale, the line search) and the
-PPO-style clipped objective with several optimizer steps per batch; the run-config refusals; learning and
-kill -9 / resume through the CLI."""
+PPO-style clipped objective with several optimizer steps per batch (and the epoch cache all PPO-style algorithms
+share); the run-config refusals; learning and kill -9 / resume through the CLI."""
 
 from __future__ import annotations
 
 import json
 import math
 import re
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
-from conftest import cli_env, describe, run_cli
-from metalearn import engine
+from conftest import describe, kill_and_resume, run_cli
+from metalearn import distributed, engine
 from metalearn.algorithms import maml_rl, trpo
-from metalearn.algorithms.base import ProblemInfo
+from metalearn.algorithms.base import EpochCache, ProblemInfo
 from metalearn.algorithms.policy_gradient import clipped_surrogate, log_prob, mean_kl
 from metalearn.config import to_run_config
 from metalearn.data import navigation2d
@@ -100,13 +99,16 @@ def explicit(algo: maml_rl.MAMLRL, batch: EnvTasks):
     return trpo.flat(like).detach(), samples, kl, surrogate
 
 
-@pytest.mark.parametrize("first_order", [False, True])
-def test_the_fisher_vector_product_is_the_explicit_hessian_of_the_kl(first_order):
-    """The KL's Hessian-vector product at theta_old (through the inner update, which is second order unless
-    first_order) equals the Hessian of the KL as a function of theta, built entry by entry (float64)."""
-    algo = policy(first_order=first_order)
+@pytest.mark.parametrize("first_order,inner_steps", [(False, 1), (True, 1), (False, 2)])
+def test_the_fisher_vector_product_is_the_explicit_hessian_of_the_kl(first_order, inner_steps):
+    """The KL's Hessian-vector product at theta_old (through the inner updates, which are second order unless
+    first_order) equals the Hessian of the KL as a function of theta, built entry by entry (float64). With two
+    inner steps, re-adapting theta_old from the cached support episodes (``adapt``) reaches ``sample``'s theta_old'
+    exactly (the KL is 0 there)."""
+    algo = policy(first_order=first_order, inner_steps=inner_steps)
     batch = tasks()
     theta, samples, kl, _ = explicit(algo, batch)
+    assert len(samples.supports) == inner_steps and float(kl(theta).detach()) == 0
     H = torch.autograd.functional.hessian(kl, theta)
     assert H.shape == (theta.numel(),) * 2 and float(H.abs().max()) > 1e-3
     torch.testing.assert_close(H, H.T, rtol=0, atol=1e-12)
@@ -121,11 +123,13 @@ def test_the_fisher_vector_product_is_the_explicit_hessian_of_the_kl(first_order
         torch.testing.assert_close(product(v), H @ v + 0.25 * v, rtol=1e-9, atol=1e-12)
 
 
-def test_a_trpo_meta_step_is_the_scaled_natural_gradient_within_the_trust_region():
+@pytest.mark.parametrize("inner_steps", [1, 2])
+def test_a_trpo_meta_step_is_the_scaled_natural_gradient_within_the_trust_region(inner_steps):
     """One meta_step with outer=trpo sets .grad to minus a step s that SGD (lr 1) adds: s is a backtracked
     fraction of F^-1 g scaled to 0.5 s'Fs = max_kl (F, g explicit); the KL measured after the step is within
-    max_kl and the surrogate rose; the metrics report both."""
-    algo = policy(outer="trpo", max_kl=0.005, cg_iters=60, cg_damping=1e-2)  # CG to convergence: s = F^-1 g
+    max_kl and the surrogate rose; the metrics report both. Also through two inner steps (``adapt``'s loop)."""
+    algo = policy(outer="trpo", max_kl=0.005, cg_iters=60, cg_damping=1e-2,  # CG to convergence: s = F^-1 g
+                  inner_steps=inner_steps)
     batch = tasks()
     theta, samples, kl, surrogate = explicit(algo, batch)
     F = torch.autograd.functional.hessian(kl, theta) + algo.cfg.cg_damping * torch.eye(theta.numel(), dtype=theta.dtype)
@@ -201,6 +205,31 @@ def test_ppo_epochs_reuse_the_batchs_rollouts_and_clip_the_ratio():
         assert again is not first and not torch.equal(again["return_post"], first["return_post"])
 
 
+def test_the_epoch_cache_keeps_a_batchs_value_for_its_updates_then_makes_a_new_one():
+    """base.EpochCache, which maml_rl's outer=ppo, ProMP and RL^2 share: keyed on the batch object, dropped after
+    ``updates`` calls (so a further call on the same object makes a new value), and empty after a failed make."""
+    cache, made = EpochCache(), []
+
+    def make(tag):
+        def run():
+            made.append(tag)
+            return f"{tag}{len(made)}"
+        return run
+
+    batch, other = object(), object()
+    assert [cache.get(batch, 3, make("a")) for _ in range(4)] == [("a1", 0), ("a1", 1), ("a1", 2), ("a2", 0)]
+    assert cache.get(other, 3, make("b")) == ("b3", 0)  # another batch object: made afresh, whatever came before
+    assert cache.get(other, 3, make("b")) == ("b3", 1)
+    assert cache.get(batch, 1, make("c")) == ("c4", 0) and cache.get(batch, 1, make("c")) == ("c5", 0)
+
+    def fails():
+        raise RuntimeError("the simulator failed")
+
+    with pytest.raises(RuntimeError):
+        cache.get(other, 3, fails)
+    assert cache.get(other, 3, make("d")) == ("d6", 0)  # nothing stale kept from before the failure
+
+
 # ---------------------------------------------------------------- the run config
 
 
@@ -212,34 +241,42 @@ def run_config(**optim):
 def test_outer_trpo_checks_the_optimizer_and_one_process(monkeypatch):
     algo = policy(double=False, outer="trpo")
     algo.check_training(run_config(name="sgd", lr=1.0, momentum=0.0))  # accepted
-    with pytest.raises(ConfigError) as e:
-        algo.check_training(run_config(name="sgd", lr=1.0, momentum=0.0, grad_clip=1.0, lr_multipliers={"net": 2.0}))
-    assert str(e.value).endswith("set optim.grad_clip=null optim.lr_multipliers=null (got optim.grad_clip=1, "
-                                 "optim.lr_multipliers={'net': 2.0})")
+    for optim, line in [({"name": "sgd", "lr": 1.0, "momentum": 0.0, "grad_clip": 1.0, "lr_multipliers": {"net": 2.0}},
+                         "set optim.grad_clip=null optim.lr_multipliers=null (got optim.grad_clip=1, "
+                         "optim.lr_multipliers={'net': 2.0})"),
+                        ({"name": "sgd", "lr": 1.0, "momentum": 0.0, "scheduler": "cosine"},
+                         "set optim.scheduler=constant (got optim.scheduler=cosine)")]:
+        with pytest.raises(ConfigError) as e:
+            algo.check_training(run_config(**optim))
+        assert str(e.value) == ("algo.outer=trpo makes the outer step itself and hands it to the optimizer as a "
+                                f"gradient, which plain SGD with step 1 applies unchanged: {line}")
     policy(double=False).check_training(run_config())  # outer=optimizer: any optimizer
     with pytest.raises(ConfigError, match="algo.outer='adam' is not one of: optimizer, trpo, ppo"):
         policy(outer="adam")
     with pytest.raises(ConfigError, match="algo.pre_update_credit=true is for algo.outer=optimizer"):
         policy(outer="ppo", pre_update_credit=True)
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    for cfg in ({"clip": 1.5}, {"clip": 0.0}, {"ppo_epochs": 0}):  # checked whatever the outer (shared with promp, rl2)
+        with pytest.raises(ConfigError, match=r"^algo.ppo_epochs must be >= 1 and algo.clip in \(0, 1\) \(got "):
+            policy(**cfg)
+    # Several processes (torchrun): refused when training (check_training), never when building (metalearn eval).
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    credit = policy(double=False, pre_update_credit=True)
+    with pytest.raises(ConfigError, match=r"^algo.pre_update_credit=true needs the whole meta-batch in one process"):
+        credit.check_training(run_config())
     with pytest.raises(ConfigError, match="algo.outer=trpo's line search needs the whole meta-batch in one process"):
         algo.check_training(run_config(name="sgd", lr=1.0, momentum=0.0))
+    policy(double=False, outer="ppo").check_training(run_config())  # per-task: the ranks' mean is the batch's
 
 
 def test_outer_trpo_refuses_other_optimizers_in_one_line_through_the_cli(tmp_path):
-    base = ["train", "algo=maml_rl", "data=navigation2d", "algo.outer=trpo", "steps=1", f"hydra.run.dir={tmp_path}/r"]
-    cases = {
-        "set optim.name=sgd optim.lr=1 optim.momentum=0 (got optim.name=adam, optim.lr=0.001, optim.momentum=0.9)": [],
-        "set optim.scheduler=constant (got optim.scheduler=cosine)":
-            ["optim.name=sgd", "optim.lr=1", "optim.momentum=0", "optim.scheduler=cosine"],
-    }
-    with ThreadPoolExecutor(2) as pool:
-        runs = {line: pool.submit(run_cli, base + extra, tmp_path) for line, extra in cases.items()}
-    for line, future in runs.items():
-        proc = future.result()
-        assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
-            "metalearn: error: algo.outer=trpo makes the outer step itself and hands it to the optimizer as a "
-            f"gradient, which plain SGD with step 1 applies unchanged: {line}"], describe(proc)
+    """The one CLI process of the meta-RL refusals (test_rl_trpo, test_rl_promp, test_rl2): the others are
+    checked in process; this one checks that check_training's line reaches the console alone."""
+    proc = run_cli(["train", "algo=maml_rl", "data=navigation2d", "algo.outer=trpo", "steps=1",
+                    f"hydra.run.dir={tmp_path}/r"], tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "metalearn: error: algo.outer=trpo makes the outer step itself and hands it to the optimizer as a gradient, "
+        "which plain SGD with step 1 applies unchanged: set optim.name=sgd optim.lr=1 optim.momentum=0 (got "
+        "optim.name=adam, optim.lr=0.001, optim.momentum=0.9)"], describe(proc)
 
 
 # ---------------------------------------------------------------- learning and resuming through the CLI
@@ -281,25 +318,12 @@ TINY_PPO = ["algo=maml_rl", "algo.outer=ppo", "algo.ppo_epochs=2", "data=navigat
             "trainer.progress=false"]
 
 
+@pytest.mark.slow  # the same engine path (updates_per_batch > 1, killed at update 0) as the default tier's
+# test_rl_promp.py::test_train_kill_resume_bit_for_bit_through_the_cli
 def test_outer_ppo_steps_the_optimizer_per_epoch_and_resumes_bit_for_bit_after_kill_9(tmp_path):
     """A run with ppo_epochs=2 makes two Adam steps per batch (12 in 6 meta-steps); killed (SIGKILL) inside
     meta-step 5, between its rollouts and its first update, and resumed, it ends bit for bit as an uninterrupted
     run."""
-    whole, run = tmp_path / "whole", tmp_path / "run"
-    with ThreadPoolExecutor(2) as pool:
-        uninterrupted = pool.submit(run_cli, ["train", *TINY_PPO, f"hydra.run.dir={whole}"], tmp_path)
-        killed = run_cli(["train", *TINY_PPO, f"hydra.run.dir={run}"], tmp_path,
-                         env=cli_env(METALEARN_FAULT="kill_at=step:5"))
-        proc = uninterrupted.result()
-    assert proc.returncode == 0, describe(proc)
-    assert killed.returncode == -9 and not (run / "results.json").exists(), describe(killed)
-    resumed = run_cli(["train", f"resume={run}"], tmp_path)
-    assert resumed.returncode == 0, describe(resumed)
-    a, b = (torch.load(r / "checkpoints" / "last.pt", weights_only=True) for r in (whole, run))
+    a, b, _, _ = kill_and_resume(TINY_PPO, tmp_path)
     assert a["step"] == b["step"] == 6
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), "meta-parameters differ"
     assert {int(s["step"]) for s in a["optimizer"]["state"].values()} == {12}  # 2 Adam steps a batch
-    states = zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values())
-    assert all(torch.equal(x[n], y[n]) for x, y in states for n in x)
-    results = [json.loads((r / "results.json").read_text()) for r in (whole, run)]
-    assert results[0]["test"] == results[1]["test"]

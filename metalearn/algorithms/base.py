@@ -5,9 +5,11 @@ meta-parameter (``self.parameters()`` is what the outer optimizer updates and
 what checkpoints hold). The engine loop, the same for every algorithm, is::
 
     algo.begin_step(step, total_steps)  # schedules (e.g. MAML++'s annealing); usually a no-op
-    optimizer.zero_grad()
-    metrics = algo.meta_step(batch)   # fills .grad of algo.parameters()
-    optimizer.step()
+    for update in range(algo.updates_per_batch):  # 1, or PPO-style epochs over the same batch object
+        optimizer.zero_grad()
+        metrics = algo.meta_step(batch)   # fills .grad of algo.parameters(); the first call's metrics are logged
+        optimizer.step()
+    scheduler.step()
 
 and for validation and test ``algo.evaluate(batch)``. Both return per-task
 metrics (``{"loss": [B], "accuracy": [B], ...}``, detached, on the device) so
@@ -27,13 +29,15 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from metalearn.data.episodes import TaskBatch
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -97,9 +101,15 @@ class Algorithm(nn.Module):
     #: learners (SNAIL, MANN), whose backbone feeds a reader of the whole episode
     per_example_features: bool = True
     #: how many times the trainer calls ``meta_step`` on each batch, each call followed by an optimizer step (the
-    #: schedule steps once per batch): PPO-style epochs over one batch's samples (ProMP, RL^2). An algorithm with
-    #: more than one keeps what it computed from the batch (its rollouts) between the calls, and is handed the same
-    #: batch object; the trainer logs the first call's metrics
+    #: schedule steps once per batch): PPO-style epochs over one batch's samples (maml_rl's outer=ppo, ProMP,
+    #: RL^2). The trainer hands every call the same batch object. An algorithm with more than one:
+    #:
+    #: * keeps what it computed from the batch (its rollouts) between the calls, keyed on the batch object
+    #:   (``batch is``), and drops it after ``updates_per_batch`` calls, so that a further call, even on the same
+    #:   object (an API user's loop), samples afresh: ``EpochCache`` does both;
+    #: * returns its metrics from the first call: the trainer logs those and ignores the later calls'. It reads
+    #:   them only after the batch's last call, so a metric that only a later call can measure may be written
+    #:   into the first call's tensors in place (ProMP's ``inner_kl``, the KL reached by the batch's updates).
     updates_per_batch: int = 1
 
     def begin_step(self, step: int, total_steps: int) -> None:
@@ -157,6 +167,34 @@ class QueryLossAlgorithm(Algorithm):
     def evaluate(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
         loss, acc = self.query_loss(batch, training=False)
         return {"loss": loss, "accuracy": acc}
+
+
+class EpochCache:
+    """What an algorithm with ``updates_per_batch`` > 1 computed from a batch on its first call (its rollouts),
+    for the batch's later calls: keyed on the batch object (``batch is``) and dropped after ``updates`` calls, so
+    that a further call, even on the same batch object, computes afresh (the rules of ``updates_per_batch``).
+    Not part of the model's state: checkpoints fall between batches."""
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self._batch: Any = None
+        self._value: Any = None
+        self._calls = 0
+
+    def get(self, batch: Any, updates: int, make: Callable[[], T]) -> tuple[T, int]:
+        """(value, update): ``make()``'s value for ``batch`` (made on the first of its calls) and which of its
+        ``updates`` calls this is, 0-based. After the last one the value is dropped."""
+        if batch is not self._batch:
+            self.clear()  # never a stale value, even if make() fails
+            self._value = make()
+            self._batch = batch
+        value, update = self._value, self._calls
+        self._calls += 1
+        if self._calls >= updates:  # the batch's last update: the next call makes a new value
+            self.clear()
+        return value, update
 
 
 def task_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

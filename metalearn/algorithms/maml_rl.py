@@ -66,29 +66,37 @@ The outer step (``outer``):
   step, so the engine's optimizer must be plain SGD with step 1 (``check_training`` says so in one line).
 * ``ppo``: a PPO-style outer objective (the clipped surrogate of the same ratio, ``clip``), ``ppo_epochs``
   optimizer steps (``optim.*``) on each batch's samples: the rollouts are sampled and cached on a batch's first
-  call, every call re-adapts from the cached support episodes with the current theta.
+  call (``base.EpochCache``, dropped after the batch's ``ppo_epochs`` calls), every call re-adapts from the
+  cached support episodes with the current theta.
 
 With ``trpo`` and ``ppo`` the query advantages A are normalised per task too when ``normalize_advantages`` (as
 the paper's code: rllab's ``center_adv`` applies to every batch of samples), and the objective's gradient is
-the paper's estimator (``pre_update_credit=true`` is for ``outer=optimizer``).
+the paper's estimator (``pre_update_credit=true`` is for ``outer=optimizer``). The keys of another outer are
+ignored: ``max_kl``, ``cg_iters``, ``cg_damping``, ``backtrack_ratio``, ``max_backtracks`` are trpo's,
+``ppo_epochs`` and ``clip`` ppo's (still checked, so that a preset is valid with either).
 
-ProMP and RL^2 are modules of their own (promp.py, rl2.py).
+Refused in ``check_training`` (the trainer's; ``metalearn eval`` is not concerned) when several processes share
+the meta-batch (torchrun): ``pre_update_credit`` (its baseline is the mean over the whole meta-batch) and
+``outer=trpo`` (its line search).
+
+``GaussianMetaPolicy`` (the policy, per-task weights, inner steps, evaluation) is shared with ProMP (promp.py);
+RL^2 is rl2.py.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from metalearn import distributed
 from metalearn.algorithms import trpo
-from metalearn.algorithms.base import Algorithm, ProblemInfo
-from metalearn.algorithms.policy_gradient import (BASELINES, GaussianPolicy, Rollouts, advantages, clipped_surrogate,
-                                                  log_prob, mean_kl, rollout)
+from metalearn.algorithms.base import Algorithm, EpochCache, ProblemInfo
+from metalearn.algorithms.policy_gradient import (GaussianPolicy, Rollouts, advantages, check_pg_config,
+                                                  clipped_surrogate, log_prob, mean_kl, rollout)
 from metalearn.data.environments import EnvTasks, episode_noise, reset_seeds
 from metalearn.errors import ConfigError
 from metalearn.models.functional import task_batched_forward
@@ -101,7 +109,7 @@ class Config:
     inner_steps: int = 1  # policy-gradient steps during meta-training
     test_inner_steps: int = 1  # ... at validation and test (return_step0 .. return_step<k> are reported)
     first_order: bool = False  # true: ignore the inner update's Hessian
-    pre_update_credit: bool = False  # true: add the pre-update sampling term (the exact, higher-variance estimator)
+    pre_update_credit: bool = False  # optimizer: add the pre-update sampling term (exact, higher-variance estimator)
     discount: float = 0.99
     gae_lambda: float = 1.0  # 1: advantages are returns-to-go minus the baseline
     baseline: str = "linear"  # linear (the paper's, fitted on all of a task's episodes) | loo (each episode's on the others) | none
@@ -114,7 +122,7 @@ class Config:
     backtrack_ratio: float = 0.8  # trpo: the line search's fractions of the step, 1, ratio, ratio^2, ...
     max_backtracks: int = 15  # trpo: ... at most this many tries; none accepted: no step
     ppo_epochs: int = 5  # ppo: optimizer steps on each batch's samples
-    clip: float = 0.2  # ppo: the likelihood ratio's clip range, [1 - clip, 1 + clip]
+    clip: float = 0.2  # ppo: the likelihood ratio's clip range, [1 - clip, 1 + clip], clip in (0, 1)
 
 
 OUTER = ("optimizer", "trpo", "ppo")
@@ -147,45 +155,30 @@ class Samples:
     metrics: dict  # loss, return_pre, return_post
 
 
-class MAMLRL(Algorithm):
+class GaussianMetaPolicy(Algorithm):
+    """What MAML for RL and ProMP share: the Gaussian policy (``backbone=mlp`` and a linear head for the mean, a
+    state-independent ``log_std``) with per-task weights, adaptation by inner steps on fresh episodes, and the
+    evaluation (``return_step0`` .. ``return_step<K>`` and ``return`` after K = ``test_inner_steps`` steps).
+    Subclasses give the inner step (``inner_update``) and the training step (``meta_step``); their ``Config``
+    has the keys read here (``inner_steps``, ``test_inner_steps``, ``baseline``, ``init_std``, and the ones
+    ``policy_gradient.check_pg_config`` checks)."""
+
     tasks = ("reinforcement",)
     primary_metric = "return"
     higher_is_better = True
     per_example_features = False
 
-    def __init__(self, cfg: Config, backbone: nn.Module, info: ProblemInfo):
+    def __init__(self, cfg: Any, backbone: nn.Module, info: ProblemInfo):
         super().__init__()
         if cfg.inner_steps < 0 or cfg.test_inner_steps < 0:
             raise ConfigError("algo.inner_steps and algo.test_inner_steps must be >= 0")
-        if cfg.baseline not in BASELINES:
-            raise ConfigError(f"algo.baseline={cfg.baseline!r} is not one of: {', '.join(BASELINES)}")
-        if cfg.pre_update_credit and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            # its credit term's baseline is the mean over the whole meta-batch, which one process does not see
-            raise ConfigError("algo.pre_update_credit=true needs the whole meta-batch in one process; run it without "
-                              "torchrun, or set algo.pre_update_credit=false")
-        if not (0 <= cfg.discount <= 1 and 0 <= cfg.gae_lambda <= 1 and cfg.init_std > 0):
-            raise ConfigError("algo.discount and algo.gae_lambda must be in [0, 1], algo.init_std > 0 (got "
-                              f"{cfg.discount}, {cfg.gae_lambda}, {cfg.init_std})")
-        if cfg.outer not in OUTER:
-            raise ConfigError(f"algo.outer={cfg.outer!r} is not one of: {', '.join(OUTER)}")
-        if cfg.outer != "optimizer" and cfg.pre_update_credit:
-            raise ConfigError(f"algo.pre_update_credit=true is for algo.outer=optimizer (algo.outer={cfg.outer} uses "
-                              f"the paper's estimator); set algo.pre_update_credit=false or algo.outer=optimizer")
-        if not (cfg.max_kl > 0 and cfg.cg_iters >= 1 and cfg.cg_damping >= 0 and 0 < cfg.backtrack_ratio < 1
-                and cfg.max_backtracks >= 1 and cfg.ppo_epochs >= 1 and cfg.clip > 0):
-            raise ConfigError(f"algo.max_kl, algo.cg_iters, algo.max_backtracks, algo.ppo_epochs and algo.clip must "
-                              f"be > 0, algo.cg_damping >= 0 and algo.backtrack_ratio in (0, 1) (got {cfg.max_kl}, "
-                              f"{cfg.cg_iters}, {cfg.max_backtracks}, {cfg.ppo_epochs}, {cfg.clip}, {cfg.cg_damping}, "
-                              f"{cfg.backtrack_ratio})")
+        check_pg_config(cfg)
         self.cfg = cfg
-        self.updates_per_batch = cfg.ppo_epochs if cfg.outer == "ppo" else 1
-        # outer=ppo: the current batch, its samples and the epochs made on them (checkpoints fall between batches)
-        self._samples: tuple[EnvTasks, Samples, int] | None = None
         self.net = nn.Sequential(backbone, nn.Linear(backbone.out_features, info.outputs))
         self.log_std = nn.Parameter(torch.full((info.outputs,), math.log(cfg.init_std)))
         forward = task_batched_forward(self.net)
         if forward is None:
-            raise ConfigError(f"algo=maml_rl's policy network is backbone=mlp (observations are vectors), not "
+            raise ConfigError(f"algo={cfg.name}'s policy network is backbone=mlp (observations are vectors), not "
                               f"{type(backbone).__name__}; use backbone=mlp")
         self.policy = GaussianPolicy(forward)
 
@@ -194,25 +187,11 @@ class MAMLRL(Algorithm):
             raise ConfigError(f"algo.baseline=loo fits each episode's baseline on the task's other episodes: it needs "
                               f"shots >= 2 and queries >= 2 (got {shots}, {queries}); or use algo.baseline=linear")
 
-    def differentiates_backbone_backward(self) -> bool:
-        return not self.cfg.first_order or self.cfg.outer == "trpo"  # TRPO: the KL's Hessian-vector products
-
-    def check_training(self, cfg: Any) -> None:
-        if self.cfg.outer != "trpo":
-            return
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ConfigError("algo.outer=trpo's line search needs the whole meta-batch in one process; run it without "
-                              "torchrun, or use algo.outer=optimizer or algo.outer=ppo")
-
-        def text(value: Any) -> str:
-            return "null" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
-
-        wrong = [key for key, want in TRPO_OPTIM.items() if getattr(cfg.optim, key) != want]
-        if wrong:
-            raise ConfigError("algo.outer=trpo makes the outer step itself and hands it to the optimizer as a "
-                              "gradient, which plain SGD with step 1 applies unchanged: set "
-                              + " ".join(f"optim.{k}={text(TRPO_OPTIM[k])}" for k in wrong) + " (got "
-                              + ", ".join(f"optim.{k}={text(getattr(cfg.optim, k))}" for k in wrong) + ")")
+    def inner_update(self, params: dict, rollouts: Rollouts, create_graph: bool,
+                     keep_log_probs: bool = False) -> tuple[dict, torch.Tensor]:
+        """One inner step of every task on its episodes: (new weights, log-probabilities [B, E, H]; with
+        ``keep_log_probs`` still differentiable after the step, without ``create_graph``)."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------ pure functions of per-task weights
 
@@ -231,6 +210,70 @@ class MAMLRL(Algorithm):
         for episodes in supports:
             params, _ = self.inner_update(params, episodes, create_graph)
         return params
+
+    def _noise(self, batch: EnvTasks, seeds: torch.Tensor, blocks: int) -> torch.Tensor:
+        env = batch.env
+        return episode_noise(seeds, blocks, env.horizon, env.action_size, self.log_std.dtype, self.log_std.device)
+
+    # ------------------------------------------------------------ evaluation
+
+    def evaluate(self, batch: EnvTasks) -> dict[str, torch.Tensor]:
+        K, B = self.cfg.test_inner_steps, batch.num_tasks
+        params = {k: v.requires_grad_() for k, v in self.stacked(B, detach=True).items()}
+        support = self._noise(batch, batch.support_y, K) if K else None
+        metrics: dict[str, torch.Tensor] = {}
+        for k in range(K):
+            episodes = rollout(self.policy, params, batch.env, batch.params, support[k], reset_seeds(batch.support_y, k))
+            metrics[f"return_step{k}"] = episodes.returns()
+            with torch.enable_grad():
+                params, _ = self.inner_update(params, episodes, create_graph=False)
+            params = {name: v.detach().requires_grad_() for name, v in params.items()}
+        episodes = rollout(self.policy, params, batch.env, batch.params, self._noise(batch, batch.query_y, 1)[0],
+                           batch.query_y)
+        metrics[f"return_step{K}"] = metrics["return"] = episodes.returns()
+        return metrics
+
+
+class MAMLRL(GaussianMetaPolicy):
+    def __init__(self, cfg: Config, backbone: nn.Module, info: ProblemInfo):
+        super().__init__(cfg, backbone, info)
+        if cfg.outer not in OUTER:
+            raise ConfigError(f"algo.outer={cfg.outer!r} is not one of: {', '.join(OUTER)}")
+        if cfg.outer != "optimizer" and cfg.pre_update_credit:
+            raise ConfigError(f"algo.pre_update_credit=true is for algo.outer=optimizer (algo.outer={cfg.outer} uses "
+                              f"the paper's estimator); set algo.pre_update_credit=false or algo.outer=optimizer")
+        if not (cfg.max_kl > 0 and cfg.cg_iters >= 1 and cfg.cg_damping >= 0 and 0 < cfg.backtrack_ratio < 1
+                and cfg.max_backtracks >= 1):
+            raise ConfigError(f"algo.max_kl, algo.cg_iters and algo.max_backtracks must be > 0, algo.cg_damping >= 0 "
+                              f"and algo.backtrack_ratio in (0, 1) (got {cfg.max_kl}, {cfg.cg_iters}, "
+                              f"{cfg.max_backtracks}, {cfg.cg_damping}, {cfg.backtrack_ratio})")
+        self.updates_per_batch = cfg.ppo_epochs if cfg.outer == "ppo" else 1
+        self._epochs = EpochCache()  # outer=ppo: the current batch's samples (checkpoints fall between batches)
+
+    def differentiates_backbone_backward(self) -> bool:
+        return not self.cfg.first_order or self.cfg.outer == "trpo"  # TRPO: the KL's Hessian-vector products
+
+    def check_training(self, cfg: Any) -> None:
+        if distributed.world_size() > 1:
+            if self.cfg.pre_update_credit:
+                # its credit term's baseline is the mean over the whole meta-batch, which one process does not see
+                raise ConfigError("algo.pre_update_credit=true needs the whole meta-batch in one process; run it "
+                                  "without torchrun, or set algo.pre_update_credit=false")
+            if self.cfg.outer == "trpo":
+                raise ConfigError("algo.outer=trpo's line search needs the whole meta-batch in one process; run it "
+                                  "without torchrun, or use algo.outer=optimizer or algo.outer=ppo")
+        if self.cfg.outer != "trpo":
+            return
+
+        def text(value: Any) -> str:
+            return "null" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+        wrong = [key for key, want in TRPO_OPTIM.items() if getattr(cfg.optim, key) != want]
+        if wrong:
+            raise ConfigError("algo.outer=trpo makes the outer step itself and hands it to the optimizer as a "
+                              "gradient, which plain SGD with step 1 applies unchanged: set "
+                              + " ".join(f"optim.{k}={text(TRPO_OPTIM[k])}" for k in wrong) + " (got "
+                              + ", ".join(f"optim.{k}={text(getattr(cfg.optim, k))}" for k in wrong) + ")")
 
     def inner_update(self, params: dict, rollouts: Rollouts, create_graph: bool,
                      keep_log_probs: bool = False) -> tuple[dict, torch.Tensor]:
@@ -271,10 +314,6 @@ class MAMLRL(Algorithm):
         return Objective(surrogate, credit, post, return_pre if return_pre is not None else return_post, return_post)
 
     # ------------------------------------------------------------ the engine's interface
-
-    def _noise(self, batch: EnvTasks, seeds: torch.Tensor, blocks: int) -> torch.Tensor:
-        env = batch.env
-        return episode_noise(seeds, blocks, env.horizon, env.action_size, self.log_std.dtype, self.log_std.device)
 
     def sample(self, batch: EnvTasks) -> Samples:
         """The batch's rollouts with the current theta (theta_old): the support episodes of each inner step, the
@@ -352,36 +391,16 @@ class MAMLRL(Algorithm):
     def _ppo_step(self, batch: EnvTasks) -> dict[str, torch.Tensor]:
         """One epoch of the PPO-style outer objective: the rollouts are the batch's first call's (cached)."""
         c = self.cfg
-        cached = self._samples
-        if cached is None or cached[0] is not batch or cached[2] >= c.ppo_epochs:  # a new batch: sample it
-            samples = self.sample(batch)
-            self._samples = (batch, samples, 1)
+        samples, update = self._epochs.get(batch, c.ppo_epochs, lambda: self.sample(batch))
+        if update == 0:
             logp = log_prob(self.policy, samples.adapted, samples.query)
             samples.adapted = {}  # its graph is the first epoch's only
         else:  # a further epoch: theta' re-adapted from the cached support episodes with the current theta
-            samples = cached[1]
-            self._samples = (batch, samples, cached[2] + 1)
             params = self.adapt(self.stacked(batch.num_tasks), samples.supports, create_graph=not c.first_order)
             logp = log_prob(self.policy, params, samples.query)
         objective = clipped_surrogate(logp, samples.logp_old, samples.adv, samples.query.mask, c.clip)
         (-objective.mean()).backward()
         return samples.metrics
-
-    def evaluate(self, batch: EnvTasks) -> dict[str, torch.Tensor]:
-        K, B = self.cfg.test_inner_steps, batch.num_tasks
-        params = {k: v.requires_grad_() for k, v in self.stacked(B, detach=True).items()}
-        support = self._noise(batch, batch.support_y, K) if K else None
-        metrics: dict[str, torch.Tensor] = {}
-        for k in range(K):
-            episodes = rollout(self.policy, params, batch.env, batch.params, support[k], reset_seeds(batch.support_y, k))
-            metrics[f"return_step{k}"] = episodes.returns()
-            with torch.enable_grad():
-                params, _ = self.inner_update(params, episodes, create_graph=False)
-            params = {name: v.detach().requires_grad_() for name, v in params.items()}
-        episodes = rollout(self.policy, params, batch.env, batch.params, self._noise(batch, batch.query_y, 1)[0],
-                           batch.query_y)
-        metrics[f"return_step{K}"] = metrics["return"] = episodes.returns()
-        return metrics
 
 
 def build(cfg: Config, backbone: nn.Module, info: ProblemInfo) -> MAMLRL:

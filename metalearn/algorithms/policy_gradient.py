@@ -1,4 +1,4 @@
-"""Policy-gradient pieces of the meta-RL algorithms (maml_rl; ProMP and others to come), as pure functions.
+"""Policy-gradient pieces of the meta-RL algorithms (maml_rl, promp, rl2), as pure functions.
 
 * ``GaussianPolicy``: a Gaussian policy whose mean is a network with *per-task* weights (the MAML family's
   batched forward, ``models.functional``: every task's adapted copy in one pass) and whose log standard
@@ -14,6 +14,9 @@
   small bias), or ``leave_one_out``: each episode's on the task's other episodes, which keeps a
   policy-gradient estimate unbiased.
 * ``advantages``: discounted returns-to-go minus the baseline, or GAE(lambda) (lambda = 1: the same).
+* ``gaussian_log_prob``, ``gaussian_kl``: the diagonal Gaussian's log-density and KL divergence, the one formula
+  of each that the algorithms use; ``clipped_surrogate``: PPO's objective; ``check_pg_config``: the checks of
+  the config keys the algorithms share.
 
 Shapes: B tasks, E episodes, H steps (the environment's horizon), O observation size, A action size.
 """
@@ -25,6 +28,7 @@ from typing import Any
 
 import torch
 
+from metalearn.errors import ConfigError
 from metalearn.models.functional import BatchedForward
 
 BASELINES = ("linear", "loo", "none")
@@ -80,13 +84,38 @@ def rollout(policy: GaussianPolicy, params: dict, env: Any, task_params: torch.T
                     torch.stack(mask_list, 2).to(noise.dtype))
 
 
+def check_pg_config(cfg: Any) -> None:
+    """Raise the one-line ConfigError for a bad value of the keys the policy-gradient algorithms share
+    (``discount``, ``gae_lambda``, ``baseline``, ``init_std``, ``ppo_epochs``, ``clip``)."""
+    if cfg.baseline not in BASELINES:
+        raise ConfigError(f"algo.baseline={cfg.baseline!r} is not one of: {', '.join(BASELINES)}")
+    if not (0 <= cfg.discount <= 1 and 0 <= cfg.gae_lambda <= 1 and cfg.init_std > 0):
+        raise ConfigError("algo.discount and algo.gae_lambda must be in [0, 1], algo.init_std > 0 (got "
+                          f"{cfg.discount}, {cfg.gae_lambda}, {cfg.init_std})")
+    if cfg.ppo_epochs < 1 or not 0 < cfg.clip < 1:
+        raise ConfigError(f"algo.ppo_epochs must be >= 1 and algo.clip in (0, 1) (got {cfg.ppo_epochs}, {cfg.clip})")
+
+
+def gaussian_log_prob(actions: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
+    """log N(actions; mean, diag(exp(log_std))^2), the last dimension the action's (``log_std`` broadcasts):
+    [..., A] -> [...]."""
+    z = (actions - mean) * torch.exp(-log_std)
+    return -0.5 * (z * z).sum(-1) - log_std.sum(-1) - 0.5 * LOG_2PI * z.shape[-1]
+
+
+def gaussian_kl(mean0: torch.Tensor, log_std0: torch.Tensor, mean1: torch.Tensor,
+                log_std1: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean0, diag(exp(log_std0))^2) || N(mean1, diag(exp(log_std1))^2)), summed over the last dimension:
+    [..., A] -> [...]."""
+    return (log_std1 - log_std0 + (torch.exp(2 * log_std0) + (mean0 - mean1) ** 2) / (2 * torch.exp(2 * log_std1))
+            - 0.5).sum(-1)
+
+
 def log_prob(policy: GaussianPolicy, params: dict, rollouts: Rollouts) -> torch.Tensor:
     """log pi(a_t | s_t) of every step under ``params`` (differentiable w.r.t. them): [B, E, H]."""
     B, E, H, O = rollouts.obs.shape
     mean, log_std = policy(params, rollouts.obs.reshape(B, E * H, O))
-    z = (rollouts.actions.reshape(B, E * H, -1) - mean) * torch.exp(-log_std)
-    logp = -0.5 * (z * z).sum(-1) - log_std.sum(-1) - 0.5 * LOG_2PI * z.shape[-1]
-    return logp.view(B, E, H)
+    return gaussian_log_prob(rollouts.actions.reshape(B, E * H, -1), mean, log_std).view(B, E, H)
 
 
 def discounted_cumsum(x: torch.Tensor, factor: float) -> torch.Tensor:
@@ -163,8 +192,5 @@ def mean_kl(policy: GaussianPolicy, params_old: dict, params_new: dict, rollouts
     both): [B]. The trust region of TRPO and ProMP's KL penalty."""
     B, E, H, O = rollouts.obs.shape
     obs = rollouts.obs.reshape(B, E * H, O)
-    mean0, log_std0 = policy(params_old, obs)
-    mean1, log_std1 = policy(params_new, obs)
-    kl = (log_std1 - log_std0 + (torch.exp(2 * log_std0) + (mean0 - mean1) ** 2) / (2 * torch.exp(2 * log_std1))
-          - 0.5).sum(-1).view(B, E, H)
+    kl = gaussian_kl(*policy(params_old, obs), *policy(params_new, obs)).view(B, E, H)
     return (kl * rollouts.mask).sum((1, 2)) / rollouts.mask.sum((1, 2))

@@ -1,7 +1,7 @@
 """ProMP: Proximal Meta-Policy Search (Rothfuss, Lee, Clavera, Asfour & Abbeel, ICLR 2019).
 
-MAML for reinforcement learning (maml_rl.py: the same Gaussian policy, rollouts, baseline, episode seeds and
-evaluation) with ProMP's two changes:
+MAML for reinforcement learning (maml_rl.py's ``GaussianMetaPolicy``: the same Gaussian policy, rollouts,
+baseline, episode seeds and evaluation) with ProMP's two changes:
 
 1. **The inner step ascends the low-variance curvature (LVC) surrogate** of each task's support episodes,
 
@@ -18,49 +18,54 @@ evaluation) with ProMP's two changes:
 2. **The outer objective is PPO's clipped surrogate** of the adapted policy's query episodes, with a KL
    penalty on the pre-update policy of every inner step k:
 
-       J_ProMP = mean_t min(r_t A'_t, clip(r_t, 1 - clip_eps, 1 + clip_eps) A'_t)  -  mean_k eta_k KL_k,
+       J_ProMP = mean_t min(r_t A'_t, clip(r_t, 1 - clip, 1 + clip) A'_t)  -  mean_k eta_k KL_k,
        r_t = pi_theta'(a_t | s_t) / pi_theta'_old(a_t | s_t),   KL_k = KL(pi_old,k || pi_k) on step k's states,
 
    where theta' is re-adapted from theta, differentiably (``create_graph``), on every update; the ratio is
-   against the adapted policy that ran the query episodes, so it is 1 at a batch's first update.
+   against the adapted policy that ran the query episodes, so it is 1 at a batch's first update. ``clip`` is the
+   reference's ``clip_eps``.
 
-``num_ppo_steps`` updates share one batch's episodes (the engine's ``updates_per_batch``: it calls
-``meta_step`` that many times on the same batch object, an optimizer step after each). The first call runs
-and keeps the episodes (support, with theta and the adapted weights reached so far; query, with theta'),
-their advantages and the sampling policy's log-probabilities and action distributions; every call re-adapts from them with
-the current theta and backpropagates minus J_ProMP. Nothing is sampled again until the next batch.
+``ppo_epochs`` updates (the reference's ``num_promp_steps``) share one batch's episodes (the engine's
+``updates_per_batch``: it calls ``meta_step`` that many times on the same batch object, an optimizer step after
+each). The first call runs and keeps the episodes (support, with theta and the adapted weights reached so far;
+query, with theta'), their advantages and the sampling policy's log-probabilities and action distributions
+(``base.EpochCache``); every call re-adapts from them with the current theta and backpropagates minus J_ProMP.
+Nothing is sampled again until the batch's ``ppo_epochs`` calls are made.
 
 The KL coefficients eta_k start at ``init_inner_kl_penalty``. With ``adaptive_inner_kl_penalty=true``, after
 each batch each is halved if step k's KL (mean over tasks) is below ``target_inner_step`` / 1.5 and doubled
 if above ``target_inner_step`` * 1.5, as the reference code does. The reference measures that KL after the
 batch's last update; here it is measured at the last update, before its optimizer step (after
-``num_ppo_steps`` - 1 updates: the algorithm does not see the weights after the trainer's last step of a
+``ppo_epochs`` - 1 updates: the algorithm does not see the weights after the trainer's last step of a
 batch). The coefficients are a buffer (``inner_kl_coeff``) of the model, so every checkpoint holds them and a
 resumed run is bit for bit an uninterrupted one. The reference's experiments (its ``run_scripts``) keep
-them fixed (5e-4): that is the default.
+them fixed (5e-4): that is the default. The adaptive rule needs the whole meta-batch in one process
+(``check_training`` refuses it under torchrun).
 
 Metrics of a training batch (its first update's, as maml_rl's): ``loss`` (minus the mean reward per step after
 adaptation), ``return_pre``, ``return_post``, ``inner_kl`` (the mean over inner steps of KL_k, per task, at the
-batch's last update: filled in by that call, which the trainer makes before it reads the metrics) and
+batch's last update, 0 at the first by construction: the last call writes it into the first call's tensor,
+which the trainer reads only after the batch's last call, as ``Algorithm.updates_per_batch`` allows) and
 ``inner_kl_coeff`` (the mean coefficient the batch was trained with). Evaluation is maml_rl's (the LVC step at
 the sampling policy is the VPG step): ``return_step0`` .. ``return_step<k>`` and ``return``.
 
-Not here (the reference's options): minibatches, annealing clip_eps, trainable inner step sizes; its policy's
+Not here (the reference's options): minibatches, annealing the clip range, trainable inner step sizes; its policy's
 hidden units are tanh, ``backbone=mlp``'s are ReLU.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from metalearn.algorithms import maml_rl
-from metalearn.algorithms.base import ProblemInfo
-from metalearn.algorithms.maml_rl import MAMLRL
-from metalearn.algorithms.policy_gradient import LOG_2PI, Rollouts, advantages, clipped_surrogate, log_prob, rollout
+from metalearn import distributed
+from metalearn.algorithms.base import EpochCache, ProblemInfo
+from metalearn.algorithms.maml_rl import GaussianMetaPolicy
+from metalearn.algorithms.policy_gradient import (Rollouts, advantages, clipped_surrogate, gaussian_kl,
+                                                  gaussian_log_prob, log_prob, rollout)
 from metalearn.data.environments import EnvTasks, reset_seeds
 from metalearn.errors import ConfigError
 
@@ -71,8 +76,8 @@ class Config:
     inner_lr: float = 0.1  # step size of the inner (LVC) step
     inner_steps: int = 1  # inner steps during meta-training (each on `shots` fresh episodes)
     test_inner_steps: int = 1  # ... at validation and test (return_step0 .. return_step<k> are reported)
-    num_ppo_steps: int = 5  # outer updates per batch of episodes (the reference's num_promp_steps)
-    clip_eps: float = 0.3  # PPO's clipping range of the outer likelihood ratio
+    ppo_epochs: int = 5  # outer updates per batch of episodes (the reference's num_promp_steps)
+    clip: float = 0.3  # PPO's clipping range of the outer likelihood ratio, in (0, 1) (the reference's clip_eps)
     init_inner_kl_penalty: float = 5e-4  # eta_k at the start
     adaptive_inner_kl_penalty: bool = False  # true: halve/double eta_k after each batch towards target_inner_step
     target_inner_step: float = 0.01  # the KL of an inner step's pre-update policy the adaptive rule aims at
@@ -101,7 +106,6 @@ class Cache:
     batch: EnvTasks
     support: list[Step] = field(default_factory=list)
     query: Step | None = None
-    calls: int = 0
     inner_kl: torch.Tensor | None = None  # [B] reported by the first update, filled in by the last
 
 
@@ -115,44 +119,30 @@ class Objective:
     ratio: torch.Tensor
 
 
-class ProMP(MAMLRL):
-    tasks = ("reinforcement",)
-
+class ProMP(GaussianMetaPolicy):
     def __init__(self, cfg: Config, backbone: nn.Module, info: ProblemInfo):
-        if cfg.num_ppo_steps < 1 or not 0 < cfg.clip_eps < 1:
-            raise ConfigError(f"algo.num_ppo_steps must be >= 1 and algo.clip_eps in (0, 1) (got {cfg.num_ppo_steps}, "
-                              f"{cfg.clip_eps})")
+        super().__init__(cfg, backbone, info)  # the policy, and the checks of the keys shared with maml_rl
         if cfg.init_inner_kl_penalty < 0 or cfg.target_inner_step <= 0:
             raise ConfigError(f"algo.init_inner_kl_penalty must be >= 0 and algo.target_inner_step > 0 (got "
                               f"{cfg.init_inner_kl_penalty}, {cfg.target_inner_step})")
-        if cfg.adaptive_inner_kl_penalty and cfg.num_ppo_steps < 2:
+        if cfg.adaptive_inner_kl_penalty and cfg.ppo_epochs < 2:
             # the KL is measured before the batch's last optimizer step: with one update it is always 0
             raise ConfigError("algo.adaptive_inner_kl_penalty=true adapts to the KL reached by a batch's updates and "
-                              "needs algo.num_ppo_steps >= 2; raise it, or set adaptive_inner_kl_penalty=false")
-        if cfg.adaptive_inner_kl_penalty and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            # each process would adapt its coefficients to the KL of its own share of the meta-batch
-            raise ConfigError("algo.adaptive_inner_kl_penalty=true needs the whole meta-batch in one process; run it "
-                              "without torchrun, or set algo.adaptive_inner_kl_penalty=false")
-        # maml_rl builds and checks the policy and the keys the two share
-        shared = maml_rl.Config(inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps,
-                                test_inner_steps=cfg.test_inner_steps, discount=cfg.discount,
-                                gae_lambda=cfg.gae_lambda, baseline=cfg.baseline,
-                                normalize_advantages=cfg.normalize_advantages, init_std=cfg.init_std)
-        try:
-            super().__init__(shared, backbone, info)
-        except ConfigError as e:
-            raise ConfigError(str(e).replace("algo=maml_rl", "algo=promp")) from None
-        self.cfg = cfg
-        self.updates_per_batch = cfg.num_ppo_steps
+                              "needs algo.ppo_epochs >= 2; raise it, or set adaptive_inner_kl_penalty=false")
+        self.updates_per_batch = cfg.ppo_epochs
         # eta_k: training state, in the model's state_dict (checkpoints) beside the weights
         self.register_buffer("inner_kl_coeff", torch.full((cfg.inner_steps,), float(cfg.init_inner_kl_penalty)))
-        self._cache: Cache | None = None
+        self._epochs = EpochCache()  # the current batch's Cache
 
     def differentiates_backbone_backward(self) -> bool:
         return True  # the inner step is differentiated (second order) at every update
 
-    def check_training(self, cfg) -> None:
-        """Any outer optimizer (``optim.*``) will do: nothing beyond the algorithm's own keys to check."""
+    def check_training(self, cfg: Any) -> None:
+        """Any outer optimizer (``optim.*``) will do; the adaptive KL coefficients need the whole meta-batch."""
+        if self.cfg.adaptive_inner_kl_penalty and distributed.world_size() > 1:
+            # each process would adapt its coefficients to the KL of its own share of the meta-batch
+            raise ConfigError("algo.adaptive_inner_kl_penalty=true needs the whole meta-batch in one process; run it "
+                              "without torchrun, or set algo.adaptive_inner_kl_penalty=false")
 
     # ------------------------------------------------------------ pure functions of per-task weights
 
@@ -169,8 +159,8 @@ class ProMP(MAMLRL):
 
     def inner_update(self, params: dict, rollouts: Rollouts, create_graph: bool,
                      keep_log_probs: bool = False) -> tuple[dict, torch.Tensor]:
-        """One LVC step at the policy that ran ``rollouts`` (``params``): maml_rl's interface, used by its
-        evaluation; the same gradient as its VPG step."""
+        """One LVC step at the policy that ran ``rollouts`` (``params``): ``GaussianMetaPolicy``'s interface, used
+        by its evaluation; the same gradient as maml_rl's VPG step."""
         c = self.cfg
         logp = log_prob(self.policy, params, rollouts)
         step = Step(rollouts, advantages(rollouts, c.discount, c.gae_lambda, c.baseline, c.normalize_advantages),
@@ -183,19 +173,16 @@ class ProMP(MAMLRL):
 
     def _log_prob_and_kl(self, params: dict, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
         """log pi(a_t | s_t) [B, E, H] and KL(pi_old || pi) [B] (the mean over the task's steps) on ``step``'s
-        episodes, from one forward of the policy (policy_gradient.log_prob's and mean_kl's formulas); the first
-        call keeps pi_old's."""
+        episodes, from one forward of the policy (``gaussian_log_prob``, ``gaussian_kl``); the first call keeps
+        pi_old's."""
         episodes = step.episodes
         B, E, H, O = episodes.obs.shape
         mean, log_std = self.policy(params, episodes.obs.reshape(B, E * H, O))
-        z = (episodes.actions.reshape(B, E * H, -1) - mean) * torch.exp(-log_std)
-        logp = (-0.5 * (z * z).sum(-1) - log_std.sum(-1) - 0.5 * LOG_2PI * z.shape[-1]).view(B, E, H)
+        logp = gaussian_log_prob(episodes.actions.reshape(B, E * H, -1), mean, log_std).view(B, E, H)
         if step.old is None:
             # (log_std of theta is a view of the parameter, which the optimizer changes in place: a copy)
             step.logp, step.old = logp.detach(), (mean.detach(), log_std.detach().clone())
-        mean0, log_std0 = step.old
-        kl = (log_std - log_std0 + (torch.exp(2 * log_std0) + (mean0 - mean) ** 2) / (2 * torch.exp(2 * log_std))
-              - 0.5).sum(-1).view(B, E, H)
+        kl = gaussian_kl(*step.old, mean, log_std).view(B, E, H)
         return logp, (kl * episodes.mask).sum((1, 2)) / episodes.mask.sum((1, 2))
 
     def objective(self, cache: Cache) -> Objective:
@@ -222,7 +209,7 @@ class ProMP(MAMLRL):
         logp = log_prob(self.policy, params, query.episodes)
         if query.logp is None:
             query.logp = logp.detach()
-        surrogate = clipped_surrogate(logp, query.logp, query.adv, query.episodes.mask, c.clip_eps)
+        surrogate = clipped_surrogate(logp, query.logp, query.adv, query.episodes.mask, c.clip)
         kl = torch.stack(kls) if kls else surrogate.new_zeros(0, B)
         penalty = (self.inner_kl_coeff[:, None] * kl).mean(0) if kls else torch.zeros_like(surrogate)
         return Objective(surrogate, penalty, kl, torch.exp(logp - query.logp).detach())
@@ -230,15 +217,15 @@ class ProMP(MAMLRL):
     # ------------------------------------------------------------ the engine's interface
 
     def meta_step(self, batch: EnvTasks) -> dict[str, torch.Tensor]:
-        first = self._cache is None or self._cache.batch is not batch
-        if first:
-            self._cache = Cache(batch)
-        cache = self._cache
-        out = self.objective(cache)
+        cache, update = self._epochs.get(batch, self.updates_per_batch, lambda: Cache(batch))
+        try:
+            out = self.objective(cache)  # the first update fills the cache in (runs the episodes)
+        except BaseException:
+            self._epochs.clear()  # never a half-filled cache
+            raise
         (-(out.surrogate - out.penalty).mean()).backward()
-        cache.calls += 1
         metrics = {}
-        if first:
+        if update == 0:
             episodes = cache.query.episodes
             H, Q = episodes.rewards.shape[2], episodes.rewards.shape[1]
             pre = cache.support[0].episodes.returns() if cache.support else episodes.returns()
@@ -247,13 +234,13 @@ class ProMP(MAMLRL):
                        "return_post": episodes.returns(), "inner_kl": cache.inner_kl,
                        "inner_kl_coeff": (self.inner_kl_coeff.mean() if self.cfg.inner_steps else
                                           self.inner_kl_coeff.new_zeros(())).expand(batch.num_tasks).clone()}
-        if cache.calls == self.updates_per_batch:  # the batch's last update
+        if update == self.updates_per_batch - 1:  # the batch's last update (the cache is dropped after it)
             kl = out.kl.detach()
             if self.cfg.inner_steps:
+                # into the first call's metrics, which the trainer reads after this call (base.updates_per_batch)
                 cache.inner_kl.copy_(kl.mean(0))
             if self.cfg.adaptive_inner_kl_penalty:
                 self._adapt_kl_coeff(kl.mean(1))
-            self._cache = None  # a next call, even on the same batch object, runs new episodes
         return metrics
 
     @torch.no_grad()

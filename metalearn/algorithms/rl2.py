@@ -12,15 +12,18 @@ in the first episodes is in it: the adaptation is the hidden state, and the weig
 Training (the "slow" reinforcement learning) treats a trial as one long trajectory: discounted returns and GAE
 advantages run across the episode boundaries (``discount``, ``gae_lambda``), with the linear feature baseline
 (policy_gradient.py) fitted on the GRU's inputs over all the batch's trials, as garage's ``RL2`` does (its
-time feature counts the trial's steps). The outer algorithm is PPO's clipped objective (``clip``), as garage's
-``RL2PPO``; the paper used TRPO. ``ppo_epochs`` updates per batch (``updates_per_batch``: the trainer calls
-``meta_step`` that many times on the same batch object, with an optimizer step after each): the first call runs
-the trials and caches them with their advantages and log-probabilities; the later calls recompute the
-log-probabilities of the cached trials under the updated weights (no new environment steps). Each update uses the
-whole batch (garage's example: minibatches of 32 trials of 10 tasks, so one). garage's example also adds an
-entropy bonus to the rewards (``entropy_method='max'``, 0.02, gradient stopped); with a state-independent
-standard deviation that is the same constant at every step (a shift of the returns that depends on the time step
-alone, which the baseline's time features absorb), so it is left out.
+time feature counts the trial's steps). Because the baseline and ``normalize_advantages`` see the whole batch,
+``check_training`` refuses several processes (torchrun, each with its share of the batch) unless
+``baseline=none`` and ``normalize_advantages=false``. The outer algorithm is PPO's clipped objective (``clip``),
+as garage's ``RL2PPO``; the paper used TRPO. ``ppo_epochs`` updates per batch (``updates_per_batch``: the trainer
+calls ``meta_step`` that many times on the same batch object, with an optimizer step after each): the first call
+runs the trials and caches them with their advantages and log-probabilities (``base.EpochCache``, dropped after
+the batch's ``ppo_epochs`` calls); the later calls recompute the log-probabilities of the cached trials under the
+updated weights (no new environment steps). Each update uses the whole batch (garage's example: minibatches of 32
+trials of 10 tasks, so one). garage's example also adds an entropy bonus to the rewards (``entropy_method='max'``,
+0.02, gradient stopped); with a state-independent standard deviation that is the same constant at every step (a
+shift of the returns that depends on the time step alone, which the baseline's time features absorb), so it is
+left out.
 
 Log-probabilities of stored trials come from one pass of ``nn.GRU`` over the whole sequence; the rollout runs the
 same module one step at a time. A trial's steps are stored episode after episode with the steps after an
@@ -52,8 +55,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from metalearn.algorithms.base import Algorithm, ProblemInfo
-from metalearn.algorithms.policy_gradient import BASELINES, LOG_2PI, Rollouts, advantages, clipped_surrogate
+from metalearn import distributed
+from metalearn.algorithms.base import Algorithm, EpochCache, ProblemInfo
+from metalearn.algorithms.policy_gradient import (Rollouts, advantages, check_pg_config, clipped_surrogate,
+                                                  gaussian_log_prob)
 from metalearn.data.environments import EnvTasks, episode_noise, reset_seeds
 from metalearn.errors import ConfigError
 
@@ -62,7 +67,7 @@ from metalearn.errors import ConfigError
 class Config:
     name: str = "rl2"
     ppo_epochs: int = 10  # PPO updates on each batch of trials (garage's RL2PPO example: 10)
-    clip: float = 0.2  # PPO's likelihood-ratio clip range
+    clip: float = 0.2  # PPO's likelihood-ratio clip range, in (0, 1)
     discount: float = 0.99  # across the episodes of a trial
     gae_lambda: float = 0.95
     baseline: str = "linear"  # linear (fitted on all the batch's trials) | loo (each trial's on the others) | none
@@ -80,6 +85,17 @@ class Trials:
     index: torch.Tensor  # [B, Q, K*H] int64: where each stored step was in the trial, k * H + t (episode k, step t)
 
 
+@dataclass
+class Sampled:
+    """What a batch's PPO epochs share: its trials, their advantages and metrics, and the sampling policy's
+    log-probabilities (set by the first update)."""
+
+    trials: Trials
+    adv: torch.Tensor  # [B, Q, K*H]
+    metrics: dict
+    logp_old: torch.Tensor | None = None  # [B, Q, K*H]
+
+
 class RL2(Algorithm):
     tasks = ("reinforcement",)
     primary_metric = "return"
@@ -90,13 +106,7 @@ class RL2(Algorithm):
         super().__init__()
         if not getattr(backbone, "recurrent", False):
             raise ConfigError(f"algo=rl2 needs a recurrent policy: backbone=gru (not {type(backbone).__name__})")
-        if cfg.ppo_epochs < 1 or cfg.clip <= 0:
-            raise ConfigError(f"algo.ppo_epochs must be >= 1 and algo.clip > 0 (got {cfg.ppo_epochs}, {cfg.clip})")
-        if cfg.baseline not in BASELINES:
-            raise ConfigError(f"algo.baseline={cfg.baseline!r} is not one of: {', '.join(BASELINES)}")
-        if not (0 <= cfg.discount <= 1 and 0 <= cfg.gae_lambda <= 1 and cfg.init_std > 0):
-            raise ConfigError("algo.discount and algo.gae_lambda must be in [0, 1], algo.init_std > 0 (got "
-                              f"{cfg.discount}, {cfg.gae_lambda}, {cfg.init_std})")
+        check_pg_config(cfg)
         self.cfg = cfg
         self.updates_per_batch = cfg.ppo_epochs
         self.obs_size, self.action_size = info.input_shape[0], info.outputs
@@ -104,20 +114,27 @@ class RL2(Algorithm):
         self.backbone = backbone
         self.head = nn.Linear(backbone.out_features, self.action_size)
         self.log_std = nn.Parameter(torch.full((self.action_size,), math.log(cfg.init_std)))
-        self._batch: EnvTasks | None = None  # the batch whose trials are cached (PPO epochs), and the cache
-        self._cache: tuple[Trials, torch.Tensor, torch.Tensor, dict] | None = None
+        self._epochs = EpochCache()  # the current batch's trials (PPO epochs; checkpoints fall between batches)
+
+    def check_training(self, cfg: Any) -> None:
+        """Several processes (torchrun) each see a share of the batch, so the gradient would depend on the split
+        where a quantity is fitted over the whole batch: the baseline, the advantages' normalisation. Refused."""
+        c = self.cfg
+        coupled = [(what, fix) for what, fix, on in (
+            ("fits its baseline", "algo.baseline=none", c.baseline != "none"),
+            ("normalises its advantages", "algo.normalize_advantages=false", c.normalize_advantages)) if on]
+        if coupled and distributed.world_size() > 1:
+            raise ConfigError(f"algo=rl2 {' and '.join(w for w, _ in coupled)} over the whole batch of trials, which "
+                              "one process of a torchrun job does not see; run it without torchrun, or set "
+                              + " ".join(f for _, f in coupled))
 
     # ------------------------------------------------------------ the policy
-
-    def _log_prob(self, mean: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        z = (actions - mean) * torch.exp(-self.log_std)
-        return -0.5 * (z * z).sum(-1) - self.log_std.sum() - 0.5 * LOG_2PI * self.action_size
 
     def log_prob(self, steps: Rollouts) -> torch.Tensor:
         """log pi(a_t | history) of every stored step, one GRU pass over each whole trial: [B, Q, T]."""
         B, Q, T, D = steps.obs.shape
         out, _ = self.backbone(steps.obs.reshape(B * Q, T, D))
-        return self._log_prob(self.head(out).view(B, Q, T, -1), steps.actions)
+        return gaussian_log_prob(steps.actions, self.head(out).view(B, Q, T, -1), self.log_std)
 
     def run_trials(self, env: Any, task_params: torch.Tensor, noise: torch.Tensor, seeds: torch.Tensor) -> Trials:
         """Run ``Q`` trials of ``K`` episodes for every task, step by step (no gradient): noise [K, B, Q, H, A]
@@ -186,24 +203,25 @@ class RL2(Algorithm):
         metrics["return"] = returns[:, -1]
         return metrics
 
+    def _sample(self, batch: EnvTasks) -> Sampled:
+        trials = self._trials(batch)
+        steps = trials.steps
+        metrics = self._metrics(trials)
+        metrics["loss"] = -steps.rewards.sum((1, 2)) / (steps.rewards.shape[1] * batch.shots * batch.env.horizon)
+        return Sampled(trials, self._advantages(steps), metrics)
+
     def meta_step(self, batch: EnvTasks) -> dict[str, torch.Tensor]:
-        """One PPO update. A new batch object: run its trials and cache them; the same batch again (the next PPO
-        epoch): the cached trials, under the weights the previous update left. Returns the batch's metrics."""
-        if batch is not self._batch:
-            self._batch = self._cache = None  # never a stale cache, even if the rollout fails
-            trials = self._trials(batch)
-            steps = trials.steps
-            metrics = self._metrics(trials)
-            metrics["loss"] = -steps.rewards.sum((1, 2)) / (steps.rewards.shape[1] * batch.shots * batch.env.horizon)
-            logp = self.log_prob(steps)
-            self._cache = (trials, self._advantages(steps), logp.detach(), metrics)  # the ratio is 1 at the first
-            self._batch = batch
-        else:
-            logp = self.log_prob(self._cache[0].steps)
-        trials, adv, logp_old, metrics = self._cache
-        objective = clipped_surrogate(logp, logp_old, adv, trials.steps.mask, self.cfg.clip)  # [B]
+        """One PPO update. A batch's first call: run its trials and cache them; its next ``ppo_epochs`` - 1 calls
+        (the same batch object): the cached trials, under the weights the previous update left. Returns the
+        batch's metrics."""
+        sampled, update = self._epochs.get(batch, self.updates_per_batch, lambda: self._sample(batch))
+        logp = self.log_prob(sampled.trials.steps)
+        if update == 0:
+            sampled.logp_old = logp.detach()  # the ratio is 1 at the first update
+        objective = clipped_surrogate(logp, sampled.logp_old, sampled.adv, sampled.trials.steps.mask,
+                                      self.cfg.clip)  # [B]
         (-objective.mean()).backward()
-        return metrics
+        return sampled.metrics
 
     @torch.no_grad()
     def evaluate(self, batch: EnvTasks) -> dict[str, torch.Tensor]:
