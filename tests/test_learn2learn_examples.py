@@ -16,8 +16,8 @@ adds that keyword only when the option is given). So the default tier runs the v
 examples name, ``omniglot``, with its task transforms (fused N-ways K-shots, one random 90-degree
 rotation per class), on real handwriting; those tests skip only when the shared data is absent. The
 zips are decoded once, in the fixture, into the temporary root's cache (as a first run would do), so
-each subprocess times the example, not the PNG decoding. The long tier (``-m slow``) also runs both
-examples with ``--dataset glyphs`` (metalearn's procedural, offline glyphs), which needs no data at all.
+each subprocess times the example, not the PNG decoding. The default tier runs the maml example on it, the
+long tier (``-m slow``) the protonet example too, and both examples with ``--dataset glyphs`` (metalearn's procedural, offline glyphs), which needs no data at all.
 """
 
 from __future__ import annotations
@@ -129,6 +129,7 @@ def test_maml_omniglot_example_learns_real_omniglot(tmp_path, omniglot_root):
     assert accuracy > 0.38, accuracy
 
 
+@pytest.mark.slow  # CI time: the default tier runs the maml example on real Omniglot (above)
 def test_protonet_omniglot_example_learns_real_omniglot(tmp_path, omniglot_root):
     # 2 epochs of 50 10-way 1-shot episodes (OmniglotCNN features, 32 filters), then 200 5-way 1-shot test
     # tasks (1000 queries). Chance is 0.2; untrained features give 0.37-0.39. Measured after training,
