@@ -295,6 +295,22 @@ def test_a_batch_of_tasks_is_its_tasks_one_at_a_time():
     torch.testing.assert_close(metrics["return_post"], torch.cat([m["return_post"] for m in parts]))
 
 
+@pytest.mark.parametrize("outer", ["optimizer", "trpo", "ppo"])
+def test_training_logs_the_return_after_each_inner_step(outer):
+    """With two inner steps a training batch reports return_step0..2 (its episodes before, between and after the
+    steps) beside return_pre (step 0's) and return_post (step 2's); evaluation's step 0 is the same episodes'."""
+    torch.manual_seed(0)
+    algo = maml_rl.build(maml_rl.Config(inner_steps=2, test_inner_steps=2, outer=outer),
+                         mlp.build(mlp.Config(hidden=[8]), (2,)), NAV)
+    batch = sampler(batch=3, shots=4, queries=3, horizon=12).sample()
+    metrics = algo.meta_step(batch)
+    assert {"return_step0", "return_step1", "return_step2", "return_pre", "return_post"} <= set(metrics)
+    assert torch.equal(metrics["return_pre"], metrics["return_step0"])
+    assert torch.equal(metrics["return_post"], metrics["return_step2"])
+    algo.zero_grad()
+    assert torch.equal(algo.evaluate(batch)["return_step0"], metrics["return_step0"])
+
+
 def test_evaluation_reports_the_return_after_each_step():
     torch.manual_seed(0)
     algo = maml_rl.build(maml_rl.Config(test_inner_steps=2), mlp.build(mlp.Config(hidden=[8]), (2,)), NAV)

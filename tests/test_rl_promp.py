@@ -128,7 +128,8 @@ def test_the_updates_of_a_batch_reuse_its_episodes_and_the_first_ratio_is_one():
     assert batch.env.steps == 3 * H
     metrics = calls[0]
     assert calls[1] == calls[2] == {}
-    assert set(metrics) == {"loss", "return_pre", "return_post", "inner_kl", "inner_kl_coeff"}
+    assert set(metrics) == {"loss", "return_pre", "return_post", "inner_kl", "inner_kl_coeff",
+                            "return_step0", "return_step1", "return_step2"}  # two inner steps: the return after each
     assert all(m.shape == (3,) for m in metrics.values())
     assert metrics["inner_kl"].min() > 0  # filled in by the last update
     algo.meta_step(batch)  # a batch's updates done: a further call runs new episodes

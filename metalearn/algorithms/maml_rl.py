@@ -95,8 +95,8 @@ from torch import nn
 from metalearn import distributed
 from metalearn.algorithms import trpo
 from metalearn.algorithms.base import Algorithm, EpochCache, ProblemInfo
-from metalearn.algorithms.policy_gradient import (GaussianPolicy, Rollouts, advantages, check_pg_config,
-                                                  clipped_surrogate, log_prob, mean_kl, rollout)
+from metalearn.algorithms.policy_gradient import (GaussianPolicy, Rollouts, adaptation_returns, advantages,
+                                                  check_pg_config, clipped_surrogate, log_prob, mean_kl, rollout)
 from metalearn.data.environments import EnvTasks, episode_noise, reset_seeds
 from metalearn.errors import ConfigError
 from metalearn.models.functional import task_batched_forward
@@ -141,6 +141,7 @@ class Objective:
     post: torch.Tensor  # f: mean reward per step of the query episodes (detached)
     return_pre: torch.Tensor  # mean undiscounted return of the first support episodes
     return_post: torch.Tensor  # ... of the query episodes
+    support_returns: list  # ... of each inner step's support episodes
 
 
 @dataclass
@@ -295,11 +296,10 @@ class MAMLRL(GaussianMetaPolicy):
         support_noise [inner_steps, B, K, H, A], query_noise [B, Q, H, A], and episode seeds [B, K], [B, Q]."""
         c = self.cfg
         credit = torch.zeros(task_params.shape[0], dtype=query_noise.dtype, device=query_noise.device)
-        return_pre = None
+        support_returns = []
         for j in range(support_noise.shape[0]):
             episodes = rollout(self.policy, params, env, task_params, support_noise[j], reset_seeds(support_seeds, j))
-            if return_pre is None:
-                return_pre = episodes.returns()
+            support_returns.append(episodes.returns())
             params, logp = self.inner_update(params, episodes, create_graph, keep_log_probs=c.pre_update_credit)
             if c.pre_update_credit:
                 total = (logp * episodes.mask).sum((1, 2))
@@ -311,7 +311,8 @@ class MAMLRL(GaussianMetaPolicy):
         post = episodes.rewards.sum((1, 2)) / steps
         surrogate = post + ((logp - logp.detach()) * adv).sum((1, 2)) / steps
         return_post = episodes.returns()
-        return Objective(surrogate, credit, post, return_pre if return_pre is not None else return_post, return_post)
+        return Objective(surrogate, credit, post, support_returns[0] if support_returns else return_post, return_post,
+                         support_returns)
 
     # ------------------------------------------------------------ the engine's interface
 
@@ -331,8 +332,7 @@ class MAMLRL(GaussianMetaPolicy):
         logp = log_prob(self.policy, params, query)
         adv = advantages(query, c.discount, c.gae_lambda, c.baseline, c.normalize_advantages)
         f = query.rewards.sum((1, 2)) / (query.rewards.shape[1] * query.rewards.shape[2])  # mean reward per step
-        metrics = {"loss": -f, "return_pre": (supports[0] if supports else query).returns(),
-                   "return_post": query.returns()}
+        metrics = {"loss": -f, **adaptation_returns([s.returns() for s in supports], query.returns())}
         return Samples(supports, params, query, logp.detach(), adv, metrics)
 
     @staticmethod
@@ -353,7 +353,7 @@ class MAMLRL(GaussianMetaPolicy):
         f = out.post
         others = (f.sum() - f) / (B - 1) if B > 1 else torch.zeros_like(f)  # independent of each task's samples
         (-(out.surrogate + out.credit * (f - others)).mean()).backward()
-        return {"loss": -f, "return_pre": out.return_pre, "return_post": out.return_post}
+        return {"loss": -f, **adaptation_returns(out.support_returns, out.return_post)}
 
     def _trpo_step(self, batch: EnvTasks) -> dict[str, torch.Tensor]:
         """The paper's TRPO outer step; ``.grad`` = minus the step, which SGD with lr 1 adds (check_training)."""

@@ -194,3 +194,13 @@ def mean_kl(policy: GaussianPolicy, params_old: dict, params_new: dict, rollouts
     obs = rollouts.obs.reshape(B, E * H, O)
     kl = gaussian_kl(*policy(params_old, obs), *policy(params_new, obs)).view(B, E, H)
     return (kl * rollouts.mask).sum((1, 2)) / rollouts.mask.sum((1, 2))
+
+
+def adaptation_returns(before: list[torch.Tensor], after: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The training metrics of adapted tasks, [B] each: ``return_pre`` (the mean return of the first inner step's
+    support episodes; ``after``'s without inner steps), ``return_post`` (of the episodes after adaptation) and,
+    with more than one inner step, ``return_step<k>`` after k = 0..K steps (``before[k]``, then ``after``)."""
+    metrics = {"return_pre": before[0] if before else after, "return_post": after}
+    if len(before) > 1:
+        metrics |= {f"return_step{k}": r for k, r in enumerate([*before, after])}
+    return metrics

@@ -64,8 +64,8 @@ from torch import nn
 from metalearn import distributed
 from metalearn.algorithms.base import EpochCache, ProblemInfo
 from metalearn.algorithms.maml_rl import GaussianMetaPolicy
-from metalearn.algorithms.policy_gradient import (Rollouts, advantages, clipped_surrogate, gaussian_kl,
-                                                  gaussian_log_prob, log_prob, rollout)
+from metalearn.algorithms.policy_gradient import (Rollouts, adaptation_returns, advantages, clipped_surrogate,
+                                                  gaussian_kl, gaussian_log_prob, log_prob, rollout)
 from metalearn.data.environments import EnvTasks, reset_seeds
 from metalearn.errors import ConfigError
 
@@ -228,10 +228,10 @@ class ProMP(GaussianMetaPolicy):
         if update == 0:
             episodes = cache.query.episodes
             H, Q = episodes.rewards.shape[2], episodes.rewards.shape[1]
-            pre = cache.support[0].episodes.returns() if cache.support else episodes.returns()
             cache.inner_kl = torch.zeros_like(out.surrogate.detach())
-            metrics = {"loss": -episodes.rewards.sum((1, 2)) / (Q * H), "return_pre": pre,
-                       "return_post": episodes.returns(), "inner_kl": cache.inner_kl,
+            metrics = {"loss": -episodes.rewards.sum((1, 2)) / (Q * H),
+                       **adaptation_returns([s.episodes.returns() for s in cache.support], episodes.returns()),
+                       "inner_kl": cache.inner_kl,
                        "inner_kl_coeff": (self.inner_kl_coeff.mean() if self.cfg.inner_steps else
                                           self.inner_kl_coeff.new_zeros(())).expand(batch.num_tasks).clone()}
         if update == self.updates_per_batch - 1:  # the batch's last update (the cache is dropped after it)
