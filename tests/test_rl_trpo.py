@@ -328,3 +328,14 @@ def test_outer_ppo_steps_the_optimizer_per_epoch_and_resumes_bit_for_bit_after_k
     a, b, _, _ = kill_and_resume(TINY_PPO, tmp_path)
     assert a["step"] == b["step"] == 6
     assert {int(s["step"]) for s in a["optimizer"]["state"].values()} == {12}  # 2 Adam steps a batch
+
+
+TINY_TRPO = [a for a in TINY_PPO if not a.startswith("algo.")] + [
+    "algo.outer=trpo", "optim.name=sgd", "optim.lr=1", "optim.momentum=0"]
+
+
+@pytest.mark.slow  # the line search keeps no state between meta-steps; the default tier resumes outer=optimizer
+# (test_rl_navigation.py) and ProMP's epochs (test_rl_promp.py)
+def test_outer_trpo_resumes_bit_for_bit_after_kill_9(tmp_path):
+    a, b, _, _ = kill_and_resume(TINY_TRPO, tmp_path)
+    assert a["step"] == b["step"] == 6

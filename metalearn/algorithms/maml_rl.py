@@ -139,8 +139,7 @@ class Objective:
     surrogate: torch.Tensor  # value f, gradient: the query rollouts' term through the inner update
     credit: torch.Tensor  # value 0, gradient: the summed support log-probabilities' (times f - b in meta_step)
     post: torch.Tensor  # f: mean reward per step of the query episodes (detached)
-    return_pre: torch.Tensor  # mean undiscounted return of the first support episodes
-    return_post: torch.Tensor  # ... of the query episodes
+    return_post: torch.Tensor  # mean undiscounted return of the query episodes
     support_returns: list  # ... of each inner step's support episodes
 
 
@@ -153,7 +152,7 @@ class Samples:
     query: Rollouts  # the query episodes, run with theta_old'
     logp_old: torch.Tensor  # [B, Q, H] their log-probabilities under theta_old' (detached)
     adv: torch.Tensor  # [B, Q, H] their advantages
-    metrics: dict  # loss, return_pre, return_post
+    metrics: dict  # loss, return_pre, return_post (and return_step<k> with more than one inner step)
 
 
 class GaussianMetaPolicy(Algorithm):
@@ -311,8 +310,7 @@ class MAMLRL(GaussianMetaPolicy):
         post = episodes.rewards.sum((1, 2)) / steps
         surrogate = post + ((logp - logp.detach()) * adv).sum((1, 2)) / steps
         return_post = episodes.returns()
-        return Objective(surrogate, credit, post, support_returns[0] if support_returns else return_post, return_post,
-                         support_returns)
+        return Objective(surrogate, credit, post, return_post, support_returns)
 
     # ------------------------------------------------------------ the engine's interface
 
@@ -391,7 +389,7 @@ class MAMLRL(GaussianMetaPolicy):
     def _ppo_step(self, batch: EnvTasks) -> dict[str, torch.Tensor]:
         """One epoch of the PPO-style outer objective: the rollouts are the batch's first call's (cached)."""
         c = self.cfg
-        samples, update = self._epochs.get(batch, c.ppo_epochs, lambda: self.sample(batch))
+        samples, update = self._epochs.get(batch, self.updates_per_batch, lambda: self.sample(batch))
         if update == 0:
             logp = log_prob(self.policy, samples.adapted, samples.query)
             samples.adapted = {}  # its graph is the first epoch's only

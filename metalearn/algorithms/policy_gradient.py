@@ -189,7 +189,7 @@ def clipped_surrogate(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Ten
 
 def mean_kl(policy: GaussianPolicy, params_old: dict, params_new: dict, rollouts: Rollouts) -> torch.Tensor:
     """KL(pi_old(.|s) || pi_new(.|s)) of each task, averaged over the steps of its episodes (differentiable in
-    both): [B]. The trust region of TRPO and ProMP's KL penalty."""
+    both): [B]. TRPO's trust region (ProMP's KL penalty is the same divergence, ``gaussian_kl``, per inner step)."""
     B, E, H, O = rollouts.obs.shape
     obs = rollouts.obs.reshape(B, E * H, O)
     kl = gaussian_kl(*policy(params_old, obs), *policy(params_new, obs)).view(B, E, H)

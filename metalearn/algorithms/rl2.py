@@ -215,7 +215,11 @@ class RL2(Algorithm):
         (the same batch object): the cached trials, under the weights the previous update left. Returns the
         batch's metrics."""
         sampled, update = self._epochs.get(batch, self.updates_per_batch, lambda: self._sample(batch))
-        logp = self.log_prob(sampled.trials.steps)
+        try:
+            logp = self.log_prob(sampled.trials.steps)
+        except BaseException:
+            self._epochs.clear()  # never a cache without its logp_old (a later call would take it for update 1)
+            raise
         if update == 0:
             sampled.logp_old = logp.detach()  # the ratio is 1 at the first update
         objective = clipped_surrogate(logp, sampled.logp_old, sampled.adv, sampled.trials.steps.mask,
