@@ -58,6 +58,7 @@ def _compose(config_name: str, overrides: Sequence[str]) -> DictConfig:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as e:
         raise ConfigError(str(e).splitlines()[0].rstrip(".") + "; overrides look like key=value") from None
+    confdir.check_searchpath(parsed)
     searchpath = [o.input_line for o in parsed if o.get_key_element() == "hydra.searchpath"]
     options = functools.partial(confdir.group_options, config_name, searchpath)
     with confdir.isolated():

@@ -288,6 +288,10 @@ def _precheck(command: str, args: list[str]) -> DictConfig:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as e:
         fail(ConfigError(str(e).splitlines()[0].rstrip(".") + "; overrides look like key=value"))
+    try:
+        confdir.check_searchpath(parsed)
+    except ConfigError as e:
+        fail(e)
     searchpath = [o.input_line for o in parsed if o.get_key_element() == "hydra.searchpath"]
     options = functools.partial(confdir.group_options, config_name, searchpath)
     if "-m" not in args and "--multirun" not in args and any(o.get_key_element() == "hparams_search" for o in parsed):

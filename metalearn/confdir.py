@@ -144,6 +144,18 @@ def check_config_dir(folder: str | Path, flag: str) -> Path:
     return path
 
 
+def check_searchpath(parsed: Sequence) -> None:
+    """One line if a ``hydra.searchpath`` override (parsed overrides) names a local folder that does not exist
+    (``file://DIR`` or a plain path; ``pkg://`` entries are Hydra's to check): Hydra skips it silently, and the
+    user's config groups would then be "unknown" options."""
+    for o in parsed:
+        if o.get_key_element() == "hydra.searchpath" and isinstance(o.value(), list):
+            for entry in o.value():
+                folder = str(entry).removeprefix("file://")
+                if "://" not in folder:
+                    check_config_dir(folder, "hydra.searchpath entry")
+
+
 def with_searchpath(overrides: Sequence[str], config_dir: str | Path | None) -> list[str]:
     """``overrides`` with ``config_dir`` added to ``hydra.searchpath`` (after any folders given there), quoted."""
     overrides = list(overrides)

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
+import metalearn
 from conftest import TINY, cli_env, describe, run_cli
+from metalearn.errors import ConfigError
 
 TEMPPROTO = '''
 """ProtoNet with a learned temperature: 20 lines on the Algorithm interface."""
@@ -201,6 +203,14 @@ def test_hydra_searchpath_finds_the_user_yaml_and_typed_validation_stays(package
         assert "tempproto" in proc.stderr and "maml" in proc.stderr
     proc = run_cli(["train", "--config-dir", str(tmp_path / "nothere"), "algo=maml"], cwd=tmp_path, env=env)
     assert proc.returncode == 2 and "no such folder" in proc.stderr and proc.stderr.count("\n") == 1, describe(proc)
+    # a searchpath folder that is not there: one line (Hydra would skip it, and tempproto would be "unknown")
+    proc = run_cli(["train", f"hydra.searchpath=[file://{tmp_path / 'nothere'}]", "algo=tempproto"], cwd=tmp_path,
+                   env=env)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"metalearn: error: hydra.searchpath entry {tmp_path / 'nothere'}: no such folder (give the folder that holds "
+        "your algo/, data/, backbone/ ... config groups)"], describe(proc)
+    with pytest.raises(ConfigError, match="hydra.searchpath entry .*nothere: no such folder"):
+        metalearn.compose([f"hydra.searchpath=[{tmp_path / 'nothere'}]"])
     # with Hydra's flags, a mistake is one line too; the flags see the user's options
     proc = run_cli(["train", "--cfg", "job", "--config-dir", str(package / "conf"), "algo=tempprot"], cwd=tmp_path, env=env)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "tempproto" in proc.stderr, describe(proc)
