@@ -43,8 +43,9 @@ them fixed (5e-4): that is the default. The adaptive rule needs the whole meta-b
 (``check_training`` refuses it under torchrun).
 
 Metrics of a training batch (its first update's, as maml_rl's): ``loss`` (minus the mean reward per step after
-adaptation), ``return_pre``, ``return_post`` (and ``return_step<k>`` after each of several inner steps), ``inner_kl`` (the mean over inner steps of KL_k, per task, at the
-batch's last update, 0 at the first by construction: the last call writes it into the first call's tensor,
+adaptation), ``return_pre``, ``return_post`` (and ``return_step<k>`` after each of several inner steps),
+``inner_kl`` (the mean over inner steps of KL_k, per task, at the batch's last update, 0 at the first by
+construction: the last call writes it into the first call's tensor,
 which the trainer reads only after the batch's last call, as ``Algorithm.updates_per_batch`` allows) and
 ``inner_kl_coeff`` (the mean coefficient the batch was trained with). Evaluation is maml_rl's (the LVC step at
 the sampling policy is the VPG step): ``return_step0`` .. ``return_step<k>`` and ``return``.
