@@ -162,10 +162,9 @@ class ProMP(GaussianMetaPolicy):
                      keep_log_probs: bool = False) -> tuple[dict, torch.Tensor]:
         """One LVC step at the policy that ran ``rollouts`` (``params``): ``GaussianMetaPolicy``'s interface, used
         by its evaluation; the same gradient as maml_rl's VPG step."""
-        c = self.cfg
         logp = log_prob(self.policy, params, rollouts)
-        step = Step(rollouts, advantages(rollouts, c.discount, c.gae_lambda, c.baseline, c.normalize_advantages),
-                    logp.detach())
+        step = self._new_step(rollouts)
+        step.logp = logp.detach()
         return self.lvc_step(params, step, logp, create_graph, retain_graph=keep_log_probs), logp
 
     def _new_step(self, episodes: Rollouts) -> Step:

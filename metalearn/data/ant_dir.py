@@ -32,7 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from metalearn.data import mujoco
-from metalearn.data.environments import EnvTaskSource
+from metalearn.data.environments import EnvTaskSource, task_sources
 from metalearn.errors import ConfigError
 
 
@@ -57,7 +57,7 @@ def load(cfg: Config) -> dict[str, EnvTaskSource]:
     weights = (("ctrl_cost_weight", cfg.ctrl_cost_weight), ("contact_cost_weight", cfg.contact_cost_weight),
                ("healthy_reward", cfg.healthy_reward))
     env = mujoco.MujocoTasks(mujoco.EnvSpec("Ant-v5", weights, "direction"), cfg.horizon, cfg.workers)
-    return mujoco.task_sources(env, mujoco.draw_directions, cfg.num_tasks, cfg.task_seed)
+    return task_sources(env, mujoco.draw_directions, cfg.num_tasks, cfg.task_seed)
 
 
 def sources(cfg: Config) -> list:

@@ -135,6 +135,22 @@ class EnvTaskSource:
         return 0 if self.task_set is None else len(self.task_set)
 
 
+SPLIT_OFFSETS = {"train": 0, "val": 1, "test": 2}  # task_seed * 3 + offset draws each split's fixed set
+
+
+def task_sources(env: Any, draw: Callable[[int, torch.Generator, torch.device], torch.Tensor], num_tasks: int,
+                 task_seed: int) -> dict[str, EnvTaskSource]:
+    """{split: EnvTaskSource} of one environment (the splits share it): fresh draws of ``draw`` per batch
+    (``num_tasks`` 0), or a fixed set of ``num_tasks`` per split drawn from ``task_seed``."""
+    stores = {}
+    for split, offset in SPLIT_OFFSETS.items():
+        task_set = None
+        if num_tasks > 0:
+            task_set = draw(num_tasks, torch.Generator().manual_seed(task_seed * 3 + offset), torch.device("cpu"))
+        stores[split] = EnvTaskSource(env, draw, task_set)
+    return stores
+
+
 class EnvTaskSampler:
     """Batches of environment tasks (``EnvTasks``), reproducible from the seed, resumable from ``state_dict``."""
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from metalearn.data import mujoco
-from metalearn.data.environments import EnvTaskSource
+from metalearn.data.environments import EnvTaskSource, task_sources
 from metalearn.errors import ConfigError
 
 
@@ -38,7 +38,7 @@ def load(cfg: Config) -> dict[str, EnvTaskSource]:
         raise ConfigError(f"data.ctrl_cost_weight must be >= 0 (got {cfg.ctrl_cost_weight})")
     spec = mujoco.EnvSpec("HalfCheetah-v5", (("ctrl_cost_weight", cfg.ctrl_cost_weight),), "direction")
     env = mujoco.MujocoTasks(spec, cfg.horizon, cfg.workers)
-    return mujoco.task_sources(env, mujoco.draw_directions, cfg.num_tasks, cfg.task_seed)
+    return task_sources(env, mujoco.draw_directions, cfg.num_tasks, cfg.task_seed)
 
 
 def sources(cfg: Config) -> list:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from metalearn.data import mujoco
-from metalearn.data.environments import EnvTaskSource
+from metalearn.data.environments import EnvTaskSource, task_sources
 from metalearn.errors import ConfigError
 
 
@@ -55,7 +55,7 @@ def load(cfg: Config) -> dict[str, EnvTaskSource]:
         u = torch.rand(n, 1, generator=generator, device=device)
         return cfg.velocity_low + (cfg.velocity_high - cfg.velocity_low) * u
 
-    return mujoco.task_sources(env, draw, cfg.num_tasks, cfg.task_seed)
+    return task_sources(env, draw, cfg.num_tasks, cfg.task_seed)
 
 
 def sources(cfg: Config) -> list:

@@ -59,11 +59,9 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from metalearn.data.environments import EnvTaskSource
 from metalearn.errors import ConfigError, DataError
 from metalearn.mujoco_worker import Chunk, EnvSpec, make, serve
 
-SPLIT_OFFSETS = {"train": 0, "val": 1, "test": 2}  # task_seed * 3 + offset: each split's fixed set (navigation2d's)
 OBJECTIVES = ("velocity", "direction")
 INSTALL = "pip install 'metalearn[mujoco]'"
 log = logging.getLogger(__name__)
@@ -269,19 +267,6 @@ def check_common(cfg: Any) -> None:
     if cfg.workers > 0 and "forkserver" not in multiprocessing.get_all_start_methods():
         raise ConfigError(f"data.workers={cfg.workers} needs multiprocessing's forkserver start method, which this "
                           f"platform lacks (Windows); set data.workers=0 to simulate in the trainer's process")
-
-
-def task_sources(env: MujocoTasks, draw: Callable[[int, torch.Generator, torch.device], torch.Tensor],
-                 num_tasks: int, task_seed: int) -> dict[str, EnvTaskSource]:
-    """{split: EnvTaskSource}, as navigation2d's: fresh draws per batch (``num_tasks`` 0), or a fixed set of
-    ``num_tasks`` per split drawn from ``task_seed``. The splits share ``env`` (one pool of sub-environments)."""
-    stores = {}
-    for split, offset in SPLIT_OFFSETS.items():
-        task_set = None
-        if num_tasks > 0:
-            task_set = draw(num_tasks, torch.Generator().manual_seed(task_seed * 3 + offset), torch.device("cpu"))
-        stores[split] = EnvTaskSource(env, draw, task_set)
-    return stores
 
 
 def draw_directions(n: int, generator: torch.Generator, device: torch.device = torch.device("cpu")) -> torch.Tensor:

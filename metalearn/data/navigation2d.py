@@ -26,10 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from metalearn.data.environments import EnvTaskSource
+from metalearn.data.environments import EnvTaskSource, task_sources
 from metalearn.errors import ConfigError
-
-SPLIT_OFFSETS = {"train": 0, "val": 1, "test": 2}  # task_seed + offset draws each split's fixed set
 
 
 @dataclass
@@ -79,13 +77,7 @@ def load(cfg: Config) -> dict[str, EnvTaskSource]:
         u = torch.rand(n, 2, generator=generator, device=device)
         return cfg.goal_low + (cfg.goal_high - cfg.goal_low) * u
 
-    stores = {}
-    for split, offset in SPLIT_OFFSETS.items():
-        task_set = None
-        if cfg.num_tasks > 0:
-            task_set = draw(cfg.num_tasks, torch.Generator().manual_seed(cfg.task_seed * 3 + offset))
-        stores[split] = EnvTaskSource(env, draw, task_set)
-    return stores
+    return task_sources(env, draw, cfg.num_tasks, cfg.task_seed)
 
 
 def sources(cfg: Config) -> list:
